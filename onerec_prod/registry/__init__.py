@@ -1,0 +1,1 @@
+"""onerec_prod.registry."""
