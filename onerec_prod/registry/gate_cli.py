@@ -1,0 +1,150 @@
+"""``onerec-prod gate --date D --model DIR --report report.json``: register, gate, maybe challenger.
+
+The report is the eval JSON of day D's snapshot: ``metrics`` (the candidate's) and, when a
+champion exists, ``champion_metrics`` (the champion evaluated on the SAME snapshot by the same
+run). The verdict is data: the exit code is 0 whether the gate passes or fails; the table and
+the verdict are printed, and every check is logged to MLflow (step ``gate`` of day D) and
+tagged on the version. ``challenger`` moves to the candidate only if the gate passes
+(``passed_effective``: a ``dry_run`` failure does not block).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from onerec_prod.config import Config
+
+log = logging.getLogger(__name__)
+
+META_FILE = "onerec_meta.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--date", required=True, help="Day D (YYYY-MM-DD) of the candidate.")
+    parser.add_argument("--model", required=True, help="Candidate model dir.")
+    parser.add_argument("--report", required=True, help="Eval report JSON (metrics, champion_metrics).")
+    parser.add_argument(
+        "--lineage", default=None,
+        help="Optional JSON file of lineage (parent_version, sid_version, data_versions, ...); "
+        f"defaults come from the model's {META_FILE}.",
+    )
+    parser.add_argument("--json", action="store_true", help="Print the result as JSON too.")
+
+
+def lineage_from_model(model_dir: str | Path) -> dict[str, Any]:
+    """Lineage fields of a model dir's ``onerec_meta.json`` ({} if absent)."""
+    meta = Path(model_dir) / META_FILE
+    if not meta.is_file():
+        return {}
+    data = json.loads(meta.read_text())
+    keys = ("sid_version", "parent", "parent_version", "dt", "stage", "data_versions", "data_snapshot")
+    return {k: data[k] for k in keys if k in data}
+
+
+def _numeric(metrics: dict[str, Any] | None) -> dict[str, float]:
+    out = {}
+    for k, v in (metrics or {}).items():
+        if isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(float(v)):
+            out[k] = float(v)
+    return out
+
+
+def gate_and_register(
+    cfg: Config, dt: str, model_dir: str | Path, report: dict[str, Any], lineage: dict[str, Any]
+) -> dict[str, Any]:
+    """Register the candidate, gate it against the champion, record everything, maybe set challenger.
+
+    Returns:
+        ``{"version", "champion_version", "passed", "passed_effective", "mode",
+        "challenger_set", "champion_metrics_source", "gate": GateResult.to_dict(), "table"}``.
+    """
+    from onerec_prod.registry import registry, tracking
+    from onerec_prod.registry.gate import gate
+
+    if "metrics" not in report:
+        raise ValueError("eval report has no 'metrics' (expected the JSON of `onerec-prod eval`)")
+    champ_version = registry.aliases(cfg).get(registry.CHAMPION)
+    version = registry.register(cfg, model_dir, dt, lineage)
+
+    cand = _numeric(report["metrics"])
+    champ_metrics: dict[str, float] | None = None
+    source = "none (first model)"
+    if champ_version is not None:
+        if report.get("champion_metrics"):
+            champ_metrics, source = _numeric(report["champion_metrics"]), "report (same snapshot)"
+        else:
+            info = registry.status(cfg)["champion"] or {}
+            champ_metrics = _numeric(info.get("metrics") or {})
+            source = f"registry tag of version {champ_version} (its own eval snapshot)"
+            log.warning(
+                "report has no champion_metrics: comparing with champion v%s's recorded metrics, "
+                "which come from another snapshot", champ_version,
+            )
+    elif report.get("champion_metrics"):
+        log.warning("report has champion_metrics but the registry has no champion: floors only")
+
+    result = gate(cand, champ_metrics, cfg.gate)
+    gate_dict = result.to_dict() | {"champion_version": champ_version, "champion_metrics_source": source}
+    registry.record_gate(cfg, version, gate_dict, cand)
+
+    metrics: dict[str, float] = {f"candidate/{k}": v for k, v in cand.items()}
+    metrics |= {f"champion/{k}": v for k, v in (champ_metrics or {}).items()}
+    for c in result.checks:
+        base = f"gate/{c.metric}/{c.kind}"
+        metrics[f"{base}/passed"] = float(c.passed)
+        if c.value is not None:
+            metrics[f"{base}/value"] = c.value
+        if c.threshold is not None:
+            metrics[f"{base}/threshold"] = c.threshold
+        if c.champion_value is not None:
+            metrics[f"{base}/champion"] = c.champion_value
+    metrics["gate/passed"] = float(result.passed)
+    metrics["gate/passed_effective"] = float(result.passed_effective)
+
+    challenger = bool(result.passed_effective and version != champ_version)
+    tracking.log_step(
+        cfg, dt, "gate",
+        metrics=metrics,
+        tags={"gate_mode": result.mode, "gate_passed": str(result.passed).lower(),
+              "model_version": version, "champion_version": champ_version or "",
+              "champion_metrics_source": source},
+        artifacts={"gate.json": gate_dict, "eval_report.json": report, "lineage.json": lineage,
+                   "gate_table.txt": result.format_table()},
+    )
+    if challenger:
+        registry.set_challenger(cfg, version)
+    log.info("gate of %s v%s: %s", cfg.registry.model_name, version, result.verdict())
+    return {
+        "version": version,
+        "champion_version": champ_version,
+        "passed": result.passed,
+        "passed_effective": result.passed_effective,
+        "mode": result.mode,
+        "challenger_set": challenger,
+        "champion_metrics_source": source,
+        "gate": gate_dict,
+        "table": result.format_table(),
+    }
+
+
+def main(args: argparse.Namespace, cfg: Config) -> int:
+    report = json.loads(Path(args.report).read_text())
+    lineage = lineage_from_model(args.model)
+    if args.lineage:
+        lineage |= json.loads(Path(args.lineage).read_text())
+    lineage.setdefault("data_snapshot", report.get("snapshot", args.date))
+    out = gate_and_register(cfg, args.date, args.model, report, lineage)
+    print(out["table"])
+    print(
+        f"{cfg.registry.model_name} version {out['version']} (dt={args.date}); champion: "
+        f"{out['champion_version'] or 'none'} [{out['champion_metrics_source']}]; challenger "
+        + ("set to this version" if out["challenger_set"] else "NOT moved")
+    )
+    if args.json:
+        print(json.dumps({k: v for k, v in out.items() if k != "table"}, indent=2, sort_keys=True))
+    return 0

@@ -1,0 +1,358 @@
+"""The registry, gate and aliases on a real MLflow sqlite store (one fresh store per test).
+
+Each test copies a session-wide, already-migrated empty ``mlflow.db`` into its own tmp
+``var`` (MLflow's schema migration costs seconds; copying costs nothing).
+
+The "model" is a tiny two-tower scorer in safetensors: item embeddings ``W`` and user
+embeddings ``U``; Recall@10 / NDCG@10 are computed from it on a fixed synthetic snapshot, so the
+degraded candidate really is the champion's weights perturbed by noise.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+N_USERS, N_ITEMS, DIM = 64, 200, 16
+
+
+# --------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow sqlite file with every table created, and nothing else."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def cfg_for(tmp_path, make_cfg, empty_store):
+    """``cfg_for(*overrides)`` -> a Config whose store starts as a copy of the empty store."""
+
+    def _make(*overrides: str):
+        (tmp_path / "mlflow.db").exists() or shutil.copyfile(empty_store, tmp_path / "mlflow.db")
+        return make_cfg(*overrides)
+
+    return _make
+
+
+@pytest.fixture
+def cfg(cfg_for):
+    return cfg_for()
+
+
+@pytest.fixture(scope="session")
+def snapshot():
+    """A frozen eval snapshot: user vectors and each user's held-out target item."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(N_ITEMS, DIM)).astype(np.float32)
+    u = rng.normal(size=(N_USERS, DIM)).astype(np.float32)
+    targets = np.argmax(u @ w.T, axis=1)  # the true model ranks every target first
+    return w, u, targets
+
+
+def save_model(path: Path, w: np.ndarray, dt: str, parent: str | None = None) -> Path:
+    from safetensors.numpy import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({"item_emb": w}, str(path / "model.safetensors"))
+    meta = {"sid_version": "sid-v1", "parent": parent, "dt": dt, "stage": "sft",
+            "data_versions": {"events": 3, "items": 2}}
+    (path / "onerec_meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def evaluate(model_dir: Path, snapshot) -> dict[str, float]:
+    """Recall@10 / NDCG@10 of a model dir on the snapshot, plus a fixed caption score."""
+    from safetensors.numpy import load_file
+
+    _, u, targets = snapshot
+    w = load_file(str(model_dir / "model.safetensors"))["item_emb"]
+    scores = u @ w.T
+    rank = (scores > scores[np.arange(len(u)), targets][:, None]).sum(axis=1)  # 0 = best
+    hit = rank < 10
+    ndcg = np.where(hit, 1.0 / np.log2(rank + 2), 0.0)
+    return {"recall@10": float(hit.mean()), "ndcg@10": float(ndcg.mean()), "bertscore_f1": 0.85}
+
+
+def gated(cfg, tmp_path, snapshot, dt, w, champion_dir=None, parent=None):
+    """Save, evaluate (with the champion on the same snapshot) and gate a model; returns the result."""
+    from onerec_prod.registry.gate_cli import gate_and_register, lineage_from_model
+
+    d = save_model(tmp_path / f"cand-{dt}", w, dt, parent)
+    report = {"metrics": evaluate(d, snapshot), "snapshot": dt}
+    if champion_dir is not None:
+        report["champion_metrics"] = evaluate(champion_dir, snapshot)
+    return gate_and_register(cfg, dt, d, report, lineage_from_model(d) | {"data_snapshot": dt})
+
+
+def mlflow_client(cfg):
+    from onerec_prod.registry.tracking import client
+
+    return client(cfg)
+
+
+# --------------------------------------------------------------------------------------
+# tests
+
+
+def test_degraded_candidate_is_not_promoted_and_champion_stays(cfg, tmp_path, snapshot):
+    from onerec_prod.registry import registry
+
+    w = snapshot[0]
+    first = gated(cfg, tmp_path, snapshot, "2014-01-01", w)
+    assert first["passed"] and first["challenger_set"] and first["champion_version"] is None
+    registry.promote(cfg)  # the challenger
+    champ_v, champ_dir = registry.champion(cfg)
+    assert champ_v == first["version"]
+
+    noisy = w + np.random.default_rng(1).normal(scale=1.5, size=w.shape).astype(np.float32)
+    out = gated(cfg, tmp_path, snapshot, "2014-01-02", noisy, champion_dir=champ_dir, parent=champ_v)
+
+    # recall really dropped, by more than the delta
+    reg = {(c["metric"], c["kind"]): c for c in out["gate"]["checks"]}[("recall@10", "regression")]
+    assert reg["champion_value"] == 1.0 and reg["value"] < 1.0 - cfg.gate.max_regression["recall@10"]
+    assert not out["passed"] and not out["passed_effective"] and not out["challenger_set"]
+    assert "gate FAILED" in out["table"]
+
+    # the verdict is on the version and in the day's gate run, check by check
+    c = mlflow_client(cfg)
+    mv = c.get_model_version(cfg.registry.model_name, out["version"])
+    assert mv.tags["gate_passed"] == "false" and mv.tags["parent_version"] == champ_v
+    gate_run = c.search_runs(
+        [c.get_experiment_by_name(cfg.registry.experiment).experiment_id],
+        "tags.step = 'gate' and tags.dt = '2014-01-02'",
+    )[0]
+    m = gate_run.data.metrics
+    assert m["gate/recall_at_10/regression/passed"] == 0.0
+    assert m["gate/recall_at_10/regression/threshold"] == pytest.approx(0.99)
+    assert m["gate/recall_at_10/floor/passed"] == 1.0
+    assert gate_run.data.tags["mlflow.parentRunId"]  # nested in the day run
+
+    # no path promotes it without --force, and the champion stays
+    with pytest.raises(registry.RegistryError, match="no challenger"):
+        registry.promote(cfg)
+    with pytest.raises(registry.GateNotPassedError, match="gate did not pass"):
+        registry.promote(cfg, out["version"])
+    assert registry.aliases(cfg) == {"champion": champ_v}
+    st = registry.status(cfg)
+    assert st["champion"]["version"] == champ_v
+    assert [p["version"] for p in st["pending"]] == [out["version"]]
+    assert "recall@10:regression" in st["pending"][0]["gate"]["failed_checks"]
+
+
+def test_promote_then_rollback_restores_exact_previous(cfg, tmp_path, snapshot):
+    from onerec_prod.registry import registry
+
+    w = snapshot[0]
+    v1 = gated(cfg, tmp_path, snapshot, "2014-01-01", w)["version"]
+    registry.promote(cfg)
+    v1_dir = registry.champion(cfg)[1]
+    better = w.copy()
+    better[0] += 1e-3  # a different (equally good) model
+    v2 = gated(cfg, tmp_path, snapshot, "2014-01-02", better, champion_dir=v1_dir, parent=v1)
+    assert v2["passed"] and v2["challenger_set"]
+
+    out = registry.promote(cfg)
+    assert out == {"champion": v2["version"], "previous": v1, "changed": True, "forced": False,
+                   "actor": out["actor"], "reason": None}
+    assert registry.aliases(cfg) == {"champion": v2["version"], "previous": v1}  # challenger consumed
+    assert registry.promote(cfg, v2["version"])["changed"] is False  # re-promote is a no-op
+
+    rb = registry.rollback(cfg)
+    assert rb == {"champion": v1, "rolled_back": v2["version"], "previous": None, "changed": True}
+    assert registry.aliases(cfg) == {"champion": v1}
+    version, local = registry.champion(cfg)
+    assert version == v1
+    assert registry.weights_hash(local) == registry.weights_hash(v1_dir)  # the exact bytes
+
+    with pytest.raises(registry.RegistryError, match="no previous"):
+        registry.rollback(cfg)  # no flip-flop back to the bad version
+    with pytest.raises(registry.GateNotPassedError, match="rolled back"):
+        registry.promote(cfg, v2["version"])
+    st = registry.status(cfg)
+    assert st["pending"] == [] and st["champion"]["version"] == v1
+
+    # resolve_model_dir: alias, number, local dir
+    assert registry.resolve_model_dir(cfg, "models:/onerec@champion") == local
+    assert registry.weights_hash(registry.resolve_model_dir(cfg, f"models:/onerec/{v2['version']}")) == \
+        registry.weights_hash(tmp_path / "cand-2014-01-02")
+    assert registry.resolve_model_dir(cfg, tmp_path / "cand-2014-01-01") == tmp_path / "cand-2014-01-01"
+    with pytest.raises(registry.RegistryError, match="no alias 'challenger'"):
+        registry.resolve_model_dir(cfg, "models:/onerec@challenger")
+
+
+def test_forced_promote_records_who_and_why_via_cli(cfg, tmp_path, snapshot, capsys):
+    from onerec_prod import cli
+    from onerec_prod.registry import registry
+
+    w = snapshot[0]
+    v1 = gated(cfg, tmp_path, snapshot, "2014-01-01", w)["version"]
+    registry.promote(cfg)
+    noisy = w + np.random.default_rng(2).normal(scale=2.0, size=w.shape).astype(np.float32)
+    v2 = gated(cfg, tmp_path, snapshot, "2014-01-02", noisy, champion_dir=registry.champion(cfg)[1])
+    assert not v2["passed"]
+
+    base = ["--config", str(REPO / "configs" / "test.yaml"), "--set", f"paths.var_root={cfg.paths.var}",
+            "--set", f"paths.dataset_dir={cfg.paths.dataset}"]
+    assert cli.main(base + ["promote", "--version", v2["version"]]) == 1
+    assert "gate did not pass" in capsys.readouterr().err
+    assert cli.main(base + ["promote", "--version", v2["version"], "--force"]) == 1
+    assert "needs a reason" in capsys.readouterr().err
+    assert registry.aliases(cfg) == {"champion": v1}
+
+    rc = cli.main(base + ["promote", "--version", v2["version"], "--force",
+                          "--reason", "hotfix INC-42", "--actor", "alice"])
+    assert rc == 0 and "FORCED by alice: hotfix INC-42" in capsys.readouterr().out
+    tags = mlflow_client(cfg).get_model_version(cfg.registry.model_name, v2["version"]).tags
+    assert (tags["promote_forced"], tags["promoted_by"], tags["promote_reason"]) == ("true", "alice", "hotfix INC-42")
+    assert tags["promoted_at"].startswith("20")
+    assert registry.aliases(cfg) == {"champion": v2["version"], "previous": v1}
+
+    assert cli.main(base + ["status", "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["champion"]["promote_reason"] == "hotfix INC-42" and st["previous"]["version"] == v1
+    assert st["champion"]["lineage"]["sid_version"] == "sid-v1"
+    assert st["champion"]["data_versions"] == {"events": 3, "items": 2}
+    assert cli.main(base + ["status"]) == 0
+    assert "FORCED: hotfix INC-42" in capsys.readouterr().out
+    assert cli.main(base + ["rollback"]) == 0
+    assert registry.aliases(cfg) == {"champion": v1}
+
+
+def test_gate_cli_dry_run_does_not_block(cfg_for, tmp_path, snapshot, capsys):
+    from onerec_prod import cli
+    from onerec_prod.registry import registry
+
+    cfg = cfg_for("gate.mode=dry_run", "gate.floors={recall@10: 1.5}")
+    d = save_model(tmp_path / "m", snapshot[0], "2014-01-01")
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"metrics": evaluate(d, snapshot)}))
+    args = ["--config", str(REPO / "configs" / "test.yaml"), "--set", f"paths.var_root={cfg.paths.var}",
+            "--set", "gate.mode=dry_run", "--set", "gate.floors={recall@10: 1.5}",
+            "gate", "--date", "2014-01-01", "--model", str(d), "--report", str(report)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "gate FAILED (dry_run: not blocking)" in out and "challenger set to this version" in out
+    assert registry.aliases(cfg) == {"challenger": "1"}
+    assert registry.promote(cfg)["champion"] == "1"
+    assert cli.main(args) == 0  # rerun of the same day and weights: the same version
+    assert "version 1 (dt=2014-01-01)" in capsys.readouterr().out
+
+
+def test_tracking_one_run_per_day_and_step_reruns_replace(cfg, tmp_path):
+    from onerec_prod.registry import registry, tracking
+
+    with tracking.day_run(cfg, "2014-01-05") as day:
+        first = tracking.log_step(cfg, "2014-01-05", "ingest_events", params={"delta_version": 3},
+                                  metrics={"rows": 100}, artifacts={"counts": {"rows": 100}})
+    with tracking.day_run(cfg, "2014-01-05") as again:
+        second = tracking.log_step(cfg, "2014-01-05", "ingest_events", params={"delta_version": 4},
+                                   metrics={"rows": 120}, artifacts={"counts": {"rows": 120}})
+    assert day.run_id == again.run_id and first == second
+    c = mlflow_client(cfg)
+    run = c.get_run(first)
+    assert run.data.metrics["rows"] == 120  # the rerun's value is the latest
+    assert [m.value for m in c.get_metric_history(first, "rows")] == [100, 120]
+    assert run.data.params["delta_version"] == "3" and run.data.tags["param.delta_version"] == "4"
+    assert json.loads(Path(c.download_artifacts(first, "counts.json", str(tmp_path))).read_text()) == {"rows": 120}
+    parent = c.get_run(day.run_id)
+    assert parent.info.run_name == "day-2014-01-05" and parent.info.status == "FINISHED"
+    assert parent.data.tags["config_hash"] == cfg.digest() and parent.data.tags["git_sha"]
+    exp = c.get_experiment_by_name(cfg.registry.experiment)
+    assert len(c.search_runs([exp.experiment_id], "tags.run_kind = 'day'")) == 1
+    assert exp.artifact_location.startswith("file://")
+
+    # register: same dt and weights -> same version; new weights -> a new version
+    w = np.ones((4, 4), np.float32)
+    d = save_model(tmp_path / "m", w, "2014-01-05")
+    v = registry.register(cfg, d, "2014-01-05", {"parent_version": None})
+    assert registry.register(cfg, d, "2014-01-05", {}) == v
+    d2 = save_model(tmp_path / "m2", w * 2, "2014-01-05")
+    assert registry.register(cfg, d2, "2014-01-05", {}) != v
+
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    from onerec_prod.config import load_config
+    from onerec_prod.registry import registry
+    version, go, rounds = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    for i, var_and_lock in enumerate(rounds):
+        var, lock = var_and_lock.split(",")
+        cfg = load_config("configs/test.yaml", [f"paths.var_root={var}", f"registry.lock={lock}"], environ={})
+        registry.aliases(cfg)  # warm the store before the start line
+        Path(f"{go}{i}.ready-{version}").touch()
+        while not Path(f"{go}{i}").exists():
+            time.sleep(0.01)
+        print(json.dumps(registry.promote(cfg, version, actor=f"worker-{version}")), flush=True)
+    """
+)
+
+
+def test_concurrent_promotes_leave_one_champion_and_a_consistent_previous(tmp_path, make_cfg, empty_store, snapshot):
+    """Two processes promote two versions at the same instant, once per lock kind (file, lease)."""
+    from onerec_prod.registry import registry
+
+    w, rounds = snapshot[0], []
+    for lock in ("file", "lease"):
+        root = tmp_path / lock
+        root.mkdir()
+        shutil.copyfile(empty_store, root / "mlflow.db")
+        cfg = make_cfg(f"registry.lock={lock}", root=root)
+        v1 = gated(cfg, root, snapshot, "2014-01-01", w)["version"]
+        registry.promote(cfg)
+        champ_dir = registry.champion(cfg)[1]
+        others = []
+        for i, dt in enumerate(["2014-01-02", "2014-01-03"]):
+            wi = w.copy()
+            wi[0] += 1e-3 * (i + 1)
+            others.append(gated(cfg, root, snapshot, dt, wi, champion_dir=champ_dir)["version"])
+        rounds.append((cfg, lock, v1, others))
+    assert rounds[0][3] == rounds[1][3] == ["2", "3"]
+
+    go = tmp_path / "go"
+    procs = {
+        v: subprocess.Popen(
+            [sys.executable, "-c", WORKER, v, str(go), *[f"{c.paths.var},{lock}" for c, lock, _, _ in rounds]],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for v in ("2", "3")
+    }
+    deadline = time.monotonic() + 120
+    for i in range(len(rounds)):
+        while not all(Path(f"{go}{i}.ready-{v}").exists() for v in procs):
+            dead = [p for p in procs.values() if p.poll() is not None]
+            assert not dead and time.monotonic() < deadline, dead and dead[0].stderr.read()
+            time.sleep(0.02)
+        Path(f"{go}{i}").touch()  # both start promoting at once
+    results = {}
+    for v, p in procs.items():
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        results[v] = [json.loads(line) for line in out.strip().splitlines()]
+
+    for i, (cfg, lock, v1, others) in enumerate(rounds):
+        al = registry.aliases(cfg)
+        # exactly one champion (one of the two) and previous is the champion it replaced
+        assert al["champion"] in others and "previous" in al, (lock, al)
+        winner, loser = al["champion"], (set(others) - {al["champion"]}).pop()
+        assert al["previous"] == loser, (lock, al)  # serialised: v1 -> loser -> winner
+        assert results[loser][i]["previous"] == v1 and results[winner][i]["previous"] == loser, lock
+        assert registry.status(cfg)["champion"]["promoted_by"] == f"worker-{winner}"
+        assert registry.rollback(cfg)["champion"] == loser  # rollback lands on a real champion
