@@ -1,0 +1,198 @@
+"""Loading and saving model directories: safetensors only, with ``onerec_meta.json``.
+
+A model directory is a normal Hugging Face directory (``config.json``, ``*.safetensors``,
+tokenizer files) plus ``onerec_meta.json``::
+
+    {"sid_version": ..., "parent": ..., "dt": ..., "stage": ..., "data_versions": {...},
+     "weights_sha256": ...}
+
+Writes are atomic: everything goes to a temporary sibling directory which is renamed into place,
+so a crash never leaves a half-written model where a reader looks. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+META_FILE = "onerec_meta.json"
+
+
+def _require_safetensors(model_dir: Path) -> None:
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory not found: {model_dir}")
+    if not any(model_dir.glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"{model_dir} holds no *.safetensors weights: only safetensors checkpoints are "
+            "loaded (convert pickle checkpoints offline, from a trusted source)"
+        )
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The tokenizer of ``model_dir`` (local files only)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+
+
+def load_model(model_dir: str | Path, device: str = "cpu", dtype=None):
+    """Causal LM of ``model_dir`` from safetensors, on ``device``, in eval mode.
+
+    ``dtype`` None = float32 on CPU, bfloat16 on CUDA; a ``torch.dtype`` or its name otherwise.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    _require_safetensors(model_dir)
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=dtype, use_safetensors=True, local_files_only=True
+    )
+    return model.to(device).eval()
+
+
+def read_meta(model_dir: str | Path) -> dict[str, Any]:
+    """``onerec_meta.json`` of ``model_dir`` (``{}`` for a plain HF directory)."""
+    p = Path(model_dir) / META_FILE
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def weights_hash(model_dir: str | Path) -> str:
+    """sha256 over the tensors of every ``*.safetensors`` file (name, dtype, shape, bytes).
+
+    Independent of sharding and of file metadata; equal hashes mean equal weights.
+    """
+    import torch
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    _require_safetensors(model_dir)
+    entries = []
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            entries.extend((name, f) for name in sf.keys())
+    h = hashlib.sha256()
+    for name, f in sorted(entries):
+        with safe_open(str(f), framework="pt") as sf:
+            t = sf.get_tensor(name).contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_model(model, tokenizer, model_dir: str | Path, meta: dict[str, Any], *,
+               state_dict: dict | None = None) -> Path:
+    """Write ``model`` + ``tokenizer`` + ``onerec_meta.json`` to ``model_dir`` atomically.
+
+    Tied weights are written once (HF handles the tie). ``meta`` gets ``weights_sha256`` added.
+    An existing ``model_dir`` is replaced as a whole. ``state_dict`` (e.g. gathered from ZeRO-3
+    partitions) replaces the model's own tensors.
+    """
+    model_dir = Path(model_dir)
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir.parent / f".{model_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(str(tmp), state_dict=state_dict, max_shard_size="10GB")
+        tokenizer.save_pretrained(str(tmp))
+        stray = [p.name for p in tmp.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+        if stray:
+            raise RuntimeError(f"save_model: non-safetensors files written: {stray}")
+        full = dict(meta)
+        full["weights_sha256"] = weights_hash(tmp)
+        (tmp / META_FILE).write_text(json.dumps(full, indent=2, sort_keys=True, default=str) + "\n")
+        old = None
+        if model_dir.exists():
+            old = model_dir.parent / f".{model_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(model_dir, old)
+        os.replace(tmp, model_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("saved model to %s (weights %s)", model_dir, full["weights_sha256"][:12])
+    return model_dir
+
+
+# --------------------------------------------------------------------------------------
+# training state (optimizer, scheduler, RNG) as safetensors: no pickle anywhere
+
+
+def _encode(obj: Any, tensors: dict, path: str) -> Any:
+    import numpy as np
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": name}
+    if isinstance(obj, np.ndarray):
+        name = f"t{len(tensors)}"
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(obj)).clone()
+        return {"__ndarray__": name, "dtype": str(obj.dtype)}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_encode(k, tensors, path), _encode(v, tensors, f"{path}.{k}")]
+                             for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, path) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, path) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"save_tree: cannot store {type(obj).__name__} at {path or '<root>'}")
+
+
+def _decode(obj: Any, tensors: dict) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return tensors[obj["__ndarray__"]].numpy().astype(obj["dtype"])
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if "__dict__" in obj:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__dict__"]}
+    return obj
+
+
+def save_tree(obj: Any, path: str | Path) -> Path:
+    """Write a nest of dicts/lists/tuples/scalars/tensors/ndarrays as one safetensors file.
+
+    Tensors go into the file's tensors, the structure (and every scalar) into its JSON metadata,
+    so optimizer, scheduler and RNG states are stored without pickle. Atomic (temp + rename).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors: dict = {}
+    skeleton = _encode(obj, tensors, "")
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "onerec_tree": json.dumps(skeleton)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_tree(path: str | Path) -> Any:
+    """Inverse of :func:`save_tree`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        skeleton = json.loads(f.metadata()["onerec_tree"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return _decode(skeleton, tensors)

@@ -1,0 +1,530 @@
+"""The one SFT trainer: HF Trainer + DeepSpeed; stages are configs (``configs/train/*.yaml``).
+
+Each training process runs :func:`run_spec` on a JSON spec written by the driver
+(:func:`onerec_prod.train.cli.train_day`) and started by :mod:`onerec_prod.train.launcher`::
+
+    setup -> train -> save -> cleanup
+
+- setup: process group (gloo on CPU, nccl on GPU), TrainingArguments with the DeepSpeed dict
+  (ZeRO stage from ``train.zero_stage``; fp32 on CPU, bf16 on GPU), model + tokenizer from the
+  init dir, the warm-up row mask if the stage freezes the base, the tokenized JSONL samples.
+- train: ``Trainer.train(resume_from_checkpoint=<latest complete checkpoint>)``, so a run killed
+  mid-way (even ``kill -9``) continues from its own last checkpoint to the same final step.
+- save: rank 0 writes the final model with :func:`onerec_prod.model.io.save_model` (safetensors,
+  ``onerec_meta.json`` with parent, dt, stage, data versions, sid_version, train loss).
+- cleanup: barrier + ``destroy_process_group`` (else rank 1 aborts at exit).
+
+    python -m onerec_prod.train.sft SPEC.json
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from onerec_prod.config import REPO_ROOT, Config, ConfigError, TrainCfg
+
+log = logging.getLogger(__name__)
+
+STAGES_DIR = REPO_ROOT / "configs" / "train"
+CKPT_PREFIX = "checkpoint-"
+
+
+class StageCfg(BaseModel):
+    """One training stage (``configs/train/<name>.yaml``), or a chain of stages."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("", description="Stage name (the YAML file's stem).")
+    description: str = Field("", description="One line on what the stage does.")
+    chain: list[str] = Field(default_factory=list, description="Run these stages in order instead.")
+    tasks: list[str] = Field(default_factory=list, description="Sample tasks trained on.")
+    freeze_base: bool = Field(False, description="Token warm-up: only new SID token rows train.")
+    init: str = Field("champion", description="champion | base | previous (stage in a chain).")
+    full_retrain: bool = Field(False, description="May start a new sid_version (from the base).")
+    replay: bool = Field(False, description="Mix in replayed samples of earlier days.")
+    train: dict[str, Any] = Field(default_factory=dict, description="TrainCfg fields overridden.")
+
+
+def stage_names() -> list[str]:
+    return sorted(p.stem for p in STAGES_DIR.glob("*.yaml"))
+
+
+def load_stage(name: str) -> StageCfg:
+    """Stage config ``name``; errors name the valid stages, fields and tasks."""
+    from onerec_prod.samples.templates import TEMPLATES
+
+    path = STAGES_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"train stage {name!r} not found (valid: {', '.join(stage_names())})")
+    tree = yaml.safe_load(path.read_text()) or {}
+    try:
+        stage = StageCfg.model_validate({"name": name, **tree})
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    problems = []
+    bad_tasks = [t for t in stage.tasks if t not in TEMPLATES or t == "rl_prompt"]
+    if bad_tasks:
+        problems.append(f"tasks: {bad_tasks} are not trainable tasks (valid: "
+                        f"{', '.join(t for t in TEMPLATES if t != 'rl_prompt')})")
+    bad_keys = sorted(set(stage.train) - set(TrainCfg.model_fields))
+    if bad_keys:
+        problems.append(f"train: unknown TrainCfg keys {bad_keys} (valid: {', '.join(TrainCfg.model_fields)})")
+    if stage.init not in ("champion", "base", "previous"):
+        problems.append(f"init: {stage.init!r} is not one of champion, base, previous")
+    if stage.chain:
+        missing = [c for c in stage.chain if not (STAGES_DIR / f"{c}.yaml").exists()]
+        if missing or name in stage.chain:
+            problems.append(f"chain: unknown or recursive stages {missing or [name]}")
+    elif not stage.tasks:
+        problems.append("tasks: a stage without a chain needs at least one task")
+    if problems:
+        raise ConfigError(f"{path}: invalid stage config:\n  - " + "\n  - ".join(problems))
+    return stage
+
+
+def stage_train_cfg(tcfg: TrainCfg, stage: StageCfg) -> TrainCfg:
+    """``tcfg`` with the stage's overrides applied (validated)."""
+    try:
+        return TrainCfg.model_validate({**tcfg.model_dump(), **stage.train})
+    except ValidationError as e:
+        raise ConfigError(f"configs/train/{stage.name}.yaml train: {e}") from None
+
+
+def build_ds_config(tcfg: TrainCfg, bf16: bool) -> dict[str, Any] | None:
+    """DeepSpeed config dict for the HF Trainer (None when ``zero_stage == 0``)."""
+    if tcfg.zero_stage == 0:
+        return None
+    path = Path(tcfg.deepspeed_config)
+    path = path if path.is_absolute() else REPO_ROOT / path
+    if not path.exists():
+        raise ConfigError(f"train.deepspeed_config: {path} does not exist")
+    tpl = yaml.safe_load(path.read_text())
+    by_stage = {int(k): v for k, v in (tpl.get("zero_by_stage") or {}).items()}
+    if tcfg.zero_stage not in by_stage:
+        raise ConfigError(
+            f"train.zero_stage={tcfg.zero_stage}: {path} has no zero_by_stage block for it "
+            f"(has {sorted(by_stage)})"
+        )
+    ds = copy.deepcopy(tpl.get("common") or {})
+    ds["zero_optimization"] = copy.deepcopy(by_stage[tcfg.zero_stage])
+    ds["bf16"] = {"enabled": bool(bf16)}
+    return ds
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """Newest complete ``checkpoint-N`` (``trainer_state.json`` is written last) or None."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return None
+    done = [p for p in d.glob(f"{CKPT_PREFIX}*") if p.name[len(CKPT_PREFIX):].isdigit()
+            and (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]), default=None)
+
+
+# --------------------------------------------------------------------------------------
+# the training process
+
+
+def _skip_shm_comm_build() -> None:
+    """Do not JIT-build DeepSpeed's shared-memory comm op on CPU.
+
+    DeepSpeed's torch backend compiles ``deepspeed_shm_comm`` (~2 min with the C++ compiler)
+    whenever it is created on the CPU accelerator. The op only serves ``inference_all_reduce``
+    (tensor-parallel inference); ZeRO training all-reduces through torch.distributed (gloo), so
+    the op is never used here. Marking it incompatible makes ``build_shm_op`` return None.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+class _Progress:
+    """TrainerCallback factory (built lazily so this module imports without transformers)."""
+
+    @staticmethod
+    def make(collator, world_size: int, is_main: bool):
+        from transformers import TrainerCallback
+
+        class ProgressLog(TrainerCallback):
+            def __init__(self):
+                self.t0 = time.perf_counter()
+                self.tok0 = 0
+                self.last_loss: float | None = None
+
+            def on_train_begin(self, args, state, control, **kw):
+                self.t0, self.tok0 = time.perf_counter(), collator.tokens_seen
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                logs = logs or {}
+                if "loss" in logs:
+                    self.last_loss = float(logs["loss"])
+                if not is_main or "loss" not in logs:
+                    return
+                now = time.perf_counter()
+                tps = (collator.tokens_seen - self.tok0) / max(now - self.t0, 1e-9)
+                self.t0, self.tok0 = now, collator.tokens_seen
+                log.info(
+                    "step %d/%d epoch %.2f loss %.4f lr %.2e tokens/s %.0f (%.0f per process) "
+                    "max_rss %.0f MiB",
+                    state.global_step, state.max_steps, state.epoch or 0.0, logs["loss"],
+                    logs.get("learning_rate", float("nan")), tps * world_size, tps,
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                )
+
+        return ProgressLog()
+
+
+def _make_fault_callback(kill_at_step: int, is_main: bool):
+    """Fault injection (tests, chaos drills): rank 0 SIGKILLs itself after step ``kill_at_step``.
+
+    Set through the spec's ``fault`` entry only; a crash mid-run between two checkpoints.
+    """
+    import signal
+
+    from transformers import TrainerCallback
+
+    class KillAtStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if is_main and state.global_step == kill_at_step:
+                log.warning("fault injection: SIGKILL at step %d", state.global_step)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return KillAtStep()
+
+
+def _make_trainer_cls():
+    """The HF Trainer with safetensors/JSON checkpoints and the warm-up's no-decay rule.
+
+    Checkpoints hold no pickle: weights (``model.safetensors``), optimizer state per rank
+    (``optimizer_rank{R}.safetensors``: the torch optimizer's state and, under ZeRO-1/2, this
+    rank's fp32 master partition), ``scheduler.json``, ``rng_state_{R}.safetensors``,
+    ``trainer_state.json`` and ``training_args.json``. Resuming restores the fp32 partitions and
+    re-gathers the model weights from them (``update_lp_params``), so a resumed run continues
+    bit for bit. ZeRO-3 keeps DeepSpeed's own partitioned checkpoint format (documented
+    exception: written and read only by the same run).
+    """
+    import random
+
+    import numpy as np
+    import torch
+    from transformers import Trainer
+
+    from onerec_prod.model.io import load_tree, save_tree
+
+    class SftTrainer(Trainer):
+        no_decay_extra: set[str] = set()
+        zero_stage: int = 0
+
+        def get_decay_parameter_names(self, model) -> list[str]:
+            names = super().get_decay_parameter_names(model)
+            return [n for n in names if n not in self.no_decay_extra]
+
+        @property
+        def _own_state(self) -> bool:
+            return not (self.is_deepspeed_enabled and self.zero_stage == 3)
+
+        # ---- saving
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            output_dir = output_dir or self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            model.save_pretrained(output_dir, state_dict=state_dict)
+            if self.args.should_save:
+                Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+
+        def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+            if not self._own_state:
+                return super()._save_optimizer_and_scheduler(output_dir)
+            os.makedirs(output_dir, exist_ok=True)
+            rank = self.args.process_index
+            if self.is_deepspeed_enabled:
+                engine = self.model_wrapped
+                opt = engine.optimizer
+                state = {
+                    "base": opt.optimizer.state_dict(),
+                    "fp32": list(opt.single_partition_of_fp32_groups),
+                    "engine": {"global_steps": engine.global_steps,
+                               "global_samples": engine.global_samples,
+                               "skipped_steps": engine.skipped_steps},
+                }
+                save_tree(state, Path(output_dir) / f"optimizer_rank{rank}.safetensors")
+            elif self.args.should_save:
+                save_tree({"base": self.optimizer.state_dict()},
+                          Path(output_dir) / "optimizer_rank0.safetensors")
+            if self.args.should_save:
+                Path(output_dir, "scheduler.json").write_text(json.dumps(self.lr_scheduler.state_dict()))
+
+        def _save_rng_state(self, output_dir: str) -> None:
+            states = {"python": random.getstate(), "numpy": np.random.get_state(),
+                      "cpu": torch.random.get_rng_state()}
+            if torch.cuda.is_available():
+                states["cuda"] = torch.cuda.random.get_rng_state_all()
+            os.makedirs(output_dir, exist_ok=True)
+            save_tree(states, Path(output_dir) / f"rng_state_{self.args.process_index}.safetensors")
+
+        # ---- loading
+        def _load_zero_state(self, engine, checkpoint: str) -> None:
+            """Replaces ``deepspeed_load_checkpoint`` for ZeRO-1/2 (collective: every rank)."""
+            st = load_tree(Path(checkpoint) / f"optimizer_rank{self.args.process_index}.safetensors")
+            opt = engine.optimizer
+            opt.optimizer.load_state_dict(st["base"])
+            with torch.no_grad():
+                for cur, saved in zip(opt.single_partition_of_fp32_groups, st["fp32"], strict=True):
+                    cur.copy_(saved)
+            opt.update_lp_params()  # fp32 master partitions -> model weights on every rank
+            engine.global_steps = st["engine"]["global_steps"]
+            engine.global_samples = st["engine"]["global_samples"]
+            engine.skipped_steps = st["engine"]["skipped_steps"]
+
+        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            if checkpoint is None:
+                return
+            if not self._own_state:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            ck = Path(checkpoint)
+            if not self.is_deepspeed_enabled:
+                self.optimizer.load_state_dict(load_tree(ck / "optimizer_rank0.safetensors")["base"])
+            self.lr_scheduler.load_state_dict(json.loads((ck / "scheduler.json").read_text()))
+
+        def _load_rng_state(self, checkpoint: str | None) -> None:
+            if checkpoint is None:
+                return
+            p = Path(checkpoint) / f"rng_state_{self.args.process_index}.safetensors"
+            if not p.exists():
+                log.warning("no RNG state %s: resumed run is not bit-reproducible", p.name)
+                return
+            st = load_tree(p)
+            random.setstate(st["python"])
+            np.random.set_state(st["numpy"])
+            torch.random.set_rng_state(st["cpu"])
+            if "cuda" in st and torch.cuda.is_available():
+                torch.cuda.random.set_rng_state_all(st["cuda"])
+
+        def train(self, resume_from_checkpoint=None, **kwargs):
+            if not (self.is_deepspeed_enabled and self._own_state and resume_from_checkpoint):
+                return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            # The Trainer calls the module-level deepspeed_load_checkpoint, which reads
+            # DeepSpeed's pickled files; route it to the safetensors state of this run instead.
+            import transformers.trainer as hf_trainer
+
+            original = hf_trainer.deepspeed_load_checkpoint
+            hf_trainer.deepspeed_load_checkpoint = lambda engine, path, **_: self._load_zero_state(engine, path)
+            try:
+                return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            finally:
+                hf_trainer.deepspeed_load_checkpoint = original
+
+    return SftTrainer
+
+
+class SftRun:
+    """One training process of one stage: ``setup -> train -> save -> cleanup``."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = spec
+        self.cfg = Config.model_validate(spec["config"])
+        self.stage = StageCfg.model_validate(spec["stage_cfg"])
+        self.tcfg = stage_train_cfg(self.cfg.train, self.stage)
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.is_main = self.rank == 0
+        self.trainer = None
+        self.result: dict[str, Any] = {}
+
+    # ---- setup
+    def setup(self) -> None:
+        import torch
+        import torch.distributed as dist
+        from transformers import PrinterCallback, TrainingArguments
+        from transformers.utils import logging as hf_logging
+
+        from onerec_prod.model.freeze import freeze_except_rows, no_decay_names
+        from onerec_prod.model.io import load_model, load_tokenizer, weights_hash
+        from onerec_prod.model.vocab import sid_token_ids
+        from onerec_prod.sid.tokens import level_sizes
+        from onerec_prod.train.data import PadCollator, SftDataset, read_jsonl, tokenize_rows
+
+        hf_logging.disable_progress_bar()
+        t = self.tcfg
+        self.on_gpu = torch.cuda.is_available() and not self.spec.get("force_cpu", False)
+        bf16 = t.precision == "bf16" or (t.precision == "auto" and self.on_gpu)
+        if self.is_main:
+            log.info("stage %s (%s): world=%d zero=%d %s; train cfg %s", self.stage.name,
+                     self.stage.description, self.world, t.zero_stage, "bf16" if bf16 else "fp32",
+                     json.dumps(t.model_dump(), sort_keys=True))
+        backend = "nccl" if self.on_gpu else "gloo"
+        if self.on_gpu:
+            torch.cuda.set_device(self.local_rank)
+        if t.zero_stage > 0:
+            import deepspeed
+
+            if not self.on_gpu:
+                _skip_shm_comm_build()
+            deepspeed.init_distributed(dist_backend=backend)
+        elif self.world > 1 and not dist.is_initialized():
+            dist.init_process_group(backend=backend)
+        ds = build_ds_config(t, bf16)
+        if ds is not None and t.zero_stage == 3 and self.stage.freeze_base:
+            raise ConfigError(f"stage {self.stage.name}: freeze_base needs train.zero_stage <= 2 "
+                              "(ZeRO-3 partitions the embedding rows the mask works on)")
+        ckpt_dir = Path(self.spec["ckpt_dir"])
+        self.args = TrainingArguments(
+            output_dir=str(ckpt_dir),
+            per_device_train_batch_size=t.per_device_batch_size,
+            gradient_accumulation_steps=t.grad_accum,
+            learning_rate=t.lr,
+            weight_decay=t.weight_decay,
+            warmup_steps=t.warmup_ratio,
+            lr_scheduler_type="linear",
+            num_train_epochs=t.epochs,
+            max_steps=t.max_steps,
+            max_grad_norm=1.0,
+            logging_steps=t.logging_steps,
+            save_strategy="steps",
+            save_steps=t.save_steps,
+            save_total_limit=2,
+            seed=t.seed,
+            data_seed=t.seed,
+            bf16=bf16,
+            use_cpu=not self.on_gpu,
+            ddp_backend=backend if self.world > 1 else None,
+            deepspeed=ds,
+            report_to="none",
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            log_level="warning",
+            log_level_replica="error",
+        )
+        # ZeRO-3: TrainingArguments above registered the DS config, so from_pretrained partitions.
+        init_dir = Path(self.spec["init_dir"])
+        expected = (self.spec.get("meta") or {}).get("parent", {}).get("weights_sha256")
+        if expected and self.is_main and weights_hash(init_dir) != expected:
+            raise RuntimeError(f"init weights in {init_dir} changed since the driver chose them "
+                               f"(expected sha256 {expected[:12]}): rerun the day")
+        self.tokenizer = load_tokenizer(init_dir)
+        model = load_model(init_dir, device="cpu", dtype=torch.float32)
+        model.config.use_cache = False
+        sizes = level_sizes(self.cfg.sid)
+        new_ids = sid_token_ids(self.tokenizer, sizes)  # raises if the init dir lacks SID tokens
+        mask = freeze_except_rows(model, new_ids) if self.stage.freeze_base else None
+        rows = read_jsonl(self.spec["samples_path"])
+        items = tokenize_rows(rows, self.tokenizer, t.max_length, self.stage.tasks)
+        if not items:
+            raise ValueError(f"no samples of tasks {self.stage.tasks} in {self.spec['samples_path']}")
+        self.dataset = SftDataset(items)
+        self.collator = PadCollator(self.tokenizer.pad_token_id)
+        cls = _make_trainer_cls()
+        cls.no_decay_extra = no_decay_names(mask)
+        cls.zero_stage = t.zero_stage if ds is not None else 0
+        self.progress = _Progress.make(self.collator, self.world, self.is_main)
+        self.trainer = cls(
+            model=model, args=self.args, train_dataset=self.dataset, data_collator=self.collator,
+            callbacks=[self.progress],
+        )
+        self.trainer.remove_callback(PrinterCallback)  # our callback logs one line per step
+        fault = self.spec.get("fault") or {}
+        if fault.get("kill_at_step"):
+            self.trainer.add_callback(_make_fault_callback(int(fault["kill_at_step"]), self.is_main))
+        if self.is_main:
+            log.info("%d samples (%d tokens) from %s; init %s", len(items),
+                     sum(len(i["input_ids"]) for i in items), self.spec["samples_path"], init_dir)
+
+    # ---- train
+    def train(self) -> dict[str, Any]:
+        ckpt = latest_checkpoint(self.spec["ckpt_dir"])
+        if ckpt is not None and self.is_main:
+            log.info("resuming from %s", ckpt)
+        t0 = time.perf_counter()
+        out = self.trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        secs = time.perf_counter() - t0
+        self.result = {
+            "global_step": int(self.trainer.state.global_step),
+            "train_loss": float(out.training_loss),
+            "last_loss": self.progress.last_loss,
+            "resumed_from": ckpt.name if ckpt else None,
+            "train_seconds": round(secs, 2),
+            "tokens_per_process": int(self.collator.tokens_seen),
+            "tokens_per_s_per_process": round(self.collator.tokens_seen / max(secs, 1e-9), 1),
+            "world_size": self.world,
+        }
+        if self.is_main:
+            log.info("trained %s: %s", self.stage.name, json.dumps(self.result))
+        return self.result
+
+    # ---- save
+    def save(self) -> Path:
+        import torch.distributed as dist
+
+        from onerec_prod.model.io import save_model
+
+        out_dir = Path(self.spec["out_dir"])
+        state_dict = None
+        if self.tcfg.zero_stage == 3:  # collective: every rank takes part in the gather
+            state_dict = self.trainer.accelerator.get_state_dict(self.trainer.deepspeed)
+        if self.is_main:
+            model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+            model.config.use_cache = True
+            meta = {**self.spec.get("meta", {}), **self.result, "stage": self.stage.name}
+            save_model(model, self.tokenizer, out_dir, meta, state_dict=state_dict)
+            (Path(self.spec["ckpt_dir"]) / "result.json").write_text(json.dumps(self.result))
+        if dist.is_initialized():
+            dist.barrier()
+        return out_dir
+
+    # ---- cleanup
+    def cleanup(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
+
+
+def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one stage in this process (one rank of a torchrun job, or the only process)."""
+    run = SftRun(spec)
+    try:
+        run.setup()
+        result = run.train()
+        run.save()
+        return result
+    finally:
+        run.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from onerec_prod.log import setup_logging
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.stderr.write("usage: python -m onerec_prod.train.sft SPEC.json\n")
+        return 2
+    from onerec_prod.train.launcher import die_with_parent
+
+    die_with_parent()  # a rank never outlives its torchrun agent
+    setup_logging(os.environ.get("ONEREC_LOG_LEVEL", "INFO"))
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    for noisy in ("transformers", "accelerate", "DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    run_spec(json.loads(Path(argv[0]).read_text()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

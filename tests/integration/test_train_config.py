@@ -1,0 +1,68 @@
+"""Stage configs, DeepSpeed configs, launch commands and the cluster job (pure, fast)."""
+
+from __future__ import annotations
+
+import pytest
+
+from onerec_prod.config import ConfigError
+from onerec_prod.train.launcher import launch_command, render_cluster_job
+from onerec_prod.train.sft import (
+    build_ds_config,
+    latest_checkpoint,
+    load_stage,
+    stage_names,
+    stage_train_cfg,
+)
+
+
+def test_every_stage_yaml_validates():
+    names = stage_names()
+    assert {"warmup", "align", "reasoning", "incremental", "bootstrap"} <= set(names)
+    for name in names:
+        stage = load_stage(name)
+        assert stage.chain or stage.tasks
+    assert load_stage("warmup").freeze_base and not load_stage("incremental").full_retrain
+    assert load_stage("bootstrap").chain == ["warmup", "align", "reasoning"]
+
+
+def test_unknown_stage_and_bad_override(make_cfg):
+    with pytest.raises(ConfigError, match="valid: align, bootstrap"):
+        load_stage("nope")
+    stage = load_stage("warmup")
+    t = stage_train_cfg(make_cfg().train, stage)
+    assert t.weight_decay == 0.0 and t.lr == stage.train["lr"]
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_deepspeed_config_per_stage(make_cfg, zero):
+    t = make_cfg(f"train.zero_stage={zero}").train
+    ds = build_ds_config(t, bf16=False)
+    assert ds["zero_optimization"]["stage"] == zero and ds["bf16"] == {"enabled": False}
+    assert ds["train_micro_batch_size_per_gpu"] == "auto"
+    assert build_ds_config(make_cfg("train.zero_stage=0").train, bf16=True) is None
+
+
+def test_launch_command_and_latest_checkpoint(tmp_path):
+    assert launch_command("s.json", 1, 0) is None  # in-process
+    cmd = launch_command("s.json", 2, 2)
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc_per_node=2" in cmd
+    for step, complete in [(2, True), (4, True), (6, False)]:
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if complete:
+            (d / "trainer_state.json").write_text("{}")
+    assert latest_checkpoint(tmp_path).name == "checkpoint-4"  # 6 was cut off mid-save
+    assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_cluster_job_is_a_pytorchjob(make_cfg):
+    cfg = make_cfg("cluster.training_nodes=10", "cluster.gpus_per_node=8", "cluster.image=img:1")
+    job = render_cluster_job(cfg, "/shared/spec.json")
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 9
+    c = specs["Worker"]["template"]["spec"]["containers"][0]
+    assert c["name"] == "pytorch" and c["image"] == "img:1"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert "--nnodes=10" in c["command"] and "--nproc_per_node=8" in c["command"]
+    assert c["command"][-1] == "/shared/spec.json" and job["spec"]["nprocPerNode"] == "8"
