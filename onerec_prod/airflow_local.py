@@ -1,0 +1,302 @@
+"""Local Airflow for the embedded default: started, driven and stopped by the project itself.
+
+``onerec-prod airflow up``        migrate the sqlite DB, create the GPU pool, start the API server,
+                                  the DAG processor and the scheduler (LocalExecutor), wait healthy
+``onerec-prod airflow backfill --from-date A --to-date B``
+                                  Airflow's own backfill of onerec_daily, in date order, one run at
+                                  a time; waits and reports each run's state
+``onerec-prod airflow down``      stop what ``up`` started (by PID)
+
+Everything lives under ``<var>/airflow`` (AIRFLOW_HOME); the DAG folder is the repo's ``dags/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+from onerec_prod.config import REPO_ROOT, Config
+
+log = logging.getLogger(__name__)
+DAG_ID = "onerec_daily"
+SERVICES = ("api-server", "dag-processor", "scheduler")
+
+
+def airflow_home(cfg: Config) -> Path:
+    return cfg.paths.var / "airflow"
+
+
+def _airflow_bin() -> str:
+    cand = Path(sys.executable).parent / "airflow"
+    return str(cand) if cand.exists() else "airflow"
+
+
+def airflow_env(cfg: Config, config_path: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of every Airflow process (and so of every task)."""
+    home = airflow_home(cfg)
+    home.mkdir(parents=True, exist_ok=True)
+    secret_file = home / "jwt_secret"
+    if not secret_file.exists():
+        secret_file.write_text(secrets.token_urlsafe(32))
+        secret_file.chmod(0o600)
+    port = cfg.airflow.api_port
+    env = dict(os.environ)
+    env.update({
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "2",
+        "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "2",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__API_AUTH__JWT_SECRET": secret_file.read_text().strip(),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "30",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "TOKENIZERS_PARALLELISM": "false",
+        "DS_BUILD_OPS": "0",
+        "PYTHONUNBUFFERED": "1",
+    })
+    if config_path:
+        env["ONEREC_CONFIG"] = str(Path(config_path).resolve())
+    env.update(extra or {})
+    return env
+
+
+def _af(cfg: Config, env: dict[str, str], *args: str, check: bool = True, capture: bool = True):
+    cmd = [_airflow_bin(), *args]
+    res = subprocess.run(cmd, env=env, capture_output=capture, text=True)
+    if check and res.returncode != 0:
+        raise RuntimeError(
+            f"`airflow {' '.join(args)}` failed (rc={res.returncode}):\n{(res.stderr or '')[-3000:]}"
+        )
+    return res
+
+
+def _pids_file(cfg: Config) -> Path:
+    return airflow_home(cfg) / "pids.json"
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=3) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def up(cfg: Config, config_path: str | None, extra_env: dict[str, str] | None = None, timeout_s: float = 240) -> dict:
+    """Migrate, create the pool, start the three services; idempotent (reuses live ones)."""
+    env = airflow_env(cfg, config_path, extra_env)
+    home = airflow_home(cfg)
+    pids = _read_pids(cfg)
+    if pids and all(_alive(p) for p in pids.values()):
+        log.info("local airflow already running: %s", pids)
+        return pids
+    down(cfg)
+    log.info("airflow db migrate (home=%s)", home)
+    _af(cfg, env, "db", "migrate")
+    _af(cfg, env, "pools", "set", cfg.airflow.gpu_pool, str(cfg.airflow.gpu_pool_slots),
+        "GPU pool: training, RL, eval and precompute tasks")
+    pids = {}
+    for svc in SERVICES:
+        logf = open(home / f"{svc}.log", "ab")  # noqa: SIM115 (kept open by the child)
+        p = subprocess.Popen([_airflow_bin(), svc], env=env, stdout=logf, stderr=subprocess.STDOUT,
+                             start_new_session=True, cwd=str(REPO_ROOT))
+        pids[svc] = p.pid
+    _pids_file(cfg).write_text(json.dumps(pids))
+    t0 = time.time()
+    while not _healthy(cfg.airflow.api_port):
+        if time.time() - t0 > timeout_s:
+            down(cfg)
+            raise RuntimeError(f"airflow api-server not healthy after {timeout_s}s; see {home}/api-server.log")
+        dead = [s for s, p in pids.items() if not _alive(p)]
+        if dead:
+            down(cfg)
+            raise RuntimeError(f"airflow {dead} exited at start; see {home}/{dead[0]}.log")
+        time.sleep(2)
+    log.info("local airflow up in %.0fs: %s (api http://127.0.0.1:%d)", time.time() - t0, pids, cfg.airflow.api_port)
+    return pids
+
+
+def _read_pids(cfg: Config) -> dict[str, int]:
+    f = _pids_file(cfg)
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie child counts as dead
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def down(cfg: Config, grace_s: float = 20) -> None:
+    """Stop the services that ``up`` started (their whole process groups)."""
+    pids = _read_pids(cfg)
+    for svc, pid in pids.items():
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except OSError:
+            continue
+    t0 = time.time()
+    while any(_alive(p) for p in pids.values()) and time.time() - t0 < grace_s:
+        time.sleep(0.5)
+    for pid in pids.values():
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    if pids:
+        log.info("local airflow stopped: %s", pids)
+    _pids_file(cfg).unlink(missing_ok=True)
+
+
+@contextmanager
+def running(cfg: Config, config_path: str | None, extra_env: dict[str, str] | None = None):
+    """``with running(cfg, path): ...`` — Airflow up for the block, always stopped after."""
+    up(cfg, config_path, extra_env)
+    try:
+        yield airflow_env(cfg, config_path, extra_env)
+    finally:
+        down(cfg)
+
+
+def wait_for_dag(cfg: Config, env: dict[str, str], timeout_s: float = 180) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        res = _af(cfg, env, "dags", "list", "-o", "json", check=False)
+        if res.returncode == 0 and DAG_ID in res.stdout:
+            errs = _af(cfg, env, "dags", "list-import-errors", "-o", "json", check=False).stdout
+            if DAG_ID in errs or "onerec_daily.py" in errs:
+                raise RuntimeError(f"DAG import error: {errs[-2000:]}")
+            return
+        time.sleep(3)
+    raise RuntimeError(f"DAG {DAG_ID} not parsed after {timeout_s}s; see {airflow_home(cfg)}/dag-processor.log")
+
+
+def dag_runs(cfg: Config, env: dict[str, str]) -> list[dict]:
+    res = _af(cfg, env, "dags", "list-runs", DAG_ID, "-o", "json", check=False)
+    out = res.stdout or ""
+    # airflow may print warning lines before the JSON: take the line that opens the list
+    start = next((i for i, ln in _line_offsets(out) if ln.startswith("[{") or ln.strip() == "[]"), -1)
+    try:
+        return json.loads(out[start:]) if start >= 0 else []
+    except json.JSONDecodeError:
+        return []
+
+
+def backfill(cfg: Config, env: dict[str, str], from_date: str, to_date: str, timeout_s: float = 6 * 3600) -> list[dict]:
+    """Airflow's own backfill of the range; waits for every run; returns runs with their states."""
+    wait_for_dag(cfg, env)
+    _af(cfg, env, "dags", "unpause", DAG_ID)
+    _af(cfg, env, "backfill", "create", "--dag-id", DAG_ID, "--from-date", from_date, "--to-date", to_date,
+        "--max-active-runs", "1", "--reprocess-behavior", "failed")
+    log.info("backfill %s..%s created; waiting for runs", from_date, to_date)
+    t0, last = time.time(), None
+    while True:
+        runs = [r for r in dag_runs(cfg, env) if from_date <= str(r.get("logical_date", ""))[:10] <= to_date]
+        states = {str(r.get("logical_date", ""))[:10]: r.get("state") for r in runs}
+        if states != last:
+            log.info("backfill runs: %s", dict(sorted(states.items())))
+            last = states
+        if runs and all(s in ("success", "failed") for s in states.values()):
+            expected = _days(from_date, to_date)
+            if set(states) >= set(expected):
+                return sorted(runs, key=lambda r: str(r.get("logical_date")))
+        if any(s == "failed" for s in states.values()):
+            # one active run at a time: later days cannot succeed once a day failed
+            return sorted(runs, key=lambda r: str(r.get("logical_date")))
+        if time.time() - t0 > timeout_s:
+            raise RuntimeError(f"backfill not finished after {timeout_s}s: {states}")
+        time.sleep(cfg.airflow.poll_interval_s)
+
+
+def _line_offsets(text: str):
+    pos = 0
+    for ln in text.splitlines(keepends=True):
+        yield pos, ln
+        pos += len(ln)
+
+
+def _days(a: str, b: str) -> list[str]:
+    from datetime import date, timedelta
+
+    d0, d1 = date.fromisoformat(a), date.fromisoformat(b)
+    return [(d0 + timedelta(days=i)).isoformat() for i in range((d1 - d0).days + 1)]
+
+
+def failed_task_logs(cfg: Config, max_chars: int = 4000) -> str:
+    """Tail of the newest task log that mentions an error (for a clear failure message)."""
+    logs = sorted((airflow_home(cfg) / "logs").rglob("*.log"), key=lambda p: p.stat().st_mtime)
+    for p in reversed(logs):
+        txt = p.read_text(errors="replace")
+        if "Traceback" in txt or '"level":"error"' in txt or "ERROR" in txt:
+            return f"{p}:\n{txt[-max_chars:]}"
+    return ""
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["up", "down", "backfill", "status"], help="What to do.")
+    p.add_argument("--from-date", help="backfill: first logical date (YYYY-MM-DD).")
+    p.add_argument("--to-date", help="backfill: last logical date (inclusive).")
+    p.add_argument("--keep-running", action="store_true", help="backfill: leave Airflow up afterwards.")
+
+
+def main(args: argparse.Namespace, cfg: Config) -> int:
+    cfg_path = args.config or os.environ.get("ONEREC_CONFIG")
+    extra = {f"ONEREC__{k}": v for k, v in os.environ.items() if k.startswith("ONEREC__")}
+    overrides = {
+        "ONEREC__" + s.split("=", 1)[0].upper().replace(".", "__"): s.split("=", 1)[1] for s in args.set
+    }
+    extra.update(overrides)
+    if args.action == "up":
+        print(json.dumps(up(cfg, cfg_path, extra)))
+    elif args.action == "down":
+        down(cfg)
+    elif args.action == "status":
+        pids = _read_pids(cfg)
+        print(json.dumps({s: {"pid": p, "alive": _alive(p)} for s, p in pids.items()}, indent=2))
+        print(json.dumps(dag_runs(cfg, airflow_env(cfg, cfg_path, extra)), indent=2))
+    else:
+        if not (args.from_date and args.to_date):
+            raise SystemExit("backfill needs --from-date and --to-date")
+        env = airflow_env(cfg, cfg_path, extra)
+        up(cfg, cfg_path, extra)
+        try:
+            runs = backfill(cfg, env, args.from_date, args.to_date)
+        finally:
+            if not args.keep_running:
+                down(cfg)
+        for r in runs:
+            print(f"{str(r.get('logical_date'))[:10]}  {r.get('state')}")
+        return 0 if runs and all(r.get("state") == "success" for r in runs) else 1
+    return 0
