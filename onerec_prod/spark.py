@@ -36,6 +36,7 @@ def get_spark(cfg: SparkCfg | None = None):
         .config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
         .config("spark.default.parallelism", str(cfg.shuffle_partitions))
         .config("spark.ui.enabled", str(cfg.ui_enabled).lower())
+        .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.adaptive.enabled", "true")
         .config("spark.databricks.delta.schema.autoMerge.enabled", "false")
