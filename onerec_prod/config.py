@@ -189,6 +189,10 @@ class SamplesCfg(_Group):
     length_sample_per_task: int = Field(
         2000, ge=1, description="Samples per task measured for the token-length percentiles."
     )
+    driver_max_examples: int = Field(
+        20_000, ge=0, description="Days with more examples build their samples on the executors "
+        "(mapInPandas) instead of the driver; the teacher source always runs on the driver."
+    )
 
 
 class TrainCfg(_Group):
@@ -231,6 +235,9 @@ class GrpoCfg(_Group):
     max_think_tokens: int = Field(32, ge=1, description="Max rationale tokens per rollout.")
     format_reward: float = Field(0.0, ge=0, description="Weight of the well-formed-think reward.")
     seed: int = Field(7, description="Seed of rollouts.")
+    iterations: int = Field(1, ge=1, description="Policy updates per rollout batch (mu); >1 makes the clip bite.")
+    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
+    eval_prompts: int = Field(16, ge=0, description="Prompts scored greedily before/after the refresh.")
 
 
 class EvalCfg(_Group):
