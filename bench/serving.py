@@ -1,0 +1,268 @@
+"""Think-Ahead serving vs full constrained generation: latency and throughput over loopback HTTP.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/serving.py [--requests 200] [--users 32] [--concurrency 4]
+        [--config configs/local.yaml] [--items 2000] [--model DIR] [--set serving.prefix_beam=10 ...]
+
+One process, one model dir, the same users. Builds the embedded model of ``--config`` (default the
+local shape: 4 layers x 256, SID 3x256+256; or takes ``--model DIR``), gives the first ``--items``
+Beauty items distinct random SIDs, draws ``--users`` histories of 5..20 items, and runs the real
+precompute (export only) for model version ``bench``. Then two services run side by side on
+127.0.0.1 (free ports), both on that model dir:
+
+* ``prefix``: version ``bench``: every user has a row, so requests complete the remaining levels
+  under the precomputed prefixes (the Think-Ahead path);
+* ``full``: version ``bench-full``: no export of its own, so the same users' rows are stale and
+  every request runs full constrained generation from the same history (the fallback path).
+
+Measured from the client, HTTP included: sequential latency (p50/p99, the two paths interleaved
+request by request so background load hits both alike) and requests/s with ``--concurrency``
+client threads (alternating rounds). Bounded: ``--requests`` per path per phase, then both servers
+stop. Prints a table and one JSON line with the ratios (full / prefix latency, prefix / full
+throughput). The service's fallback writes no rationale; ``--think-tokens N`` also times, in process,
+what an online reasoning model would pay per request (rationale of N tokens, then the SID beam),
+which is the cost Think-Ahead moves offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+log = logging.getLogger("bench.serving")
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, int(round(q / 100 * len(s) + 0.5)) - 1))]
+
+
+def build_setup(args, work: Path):
+    """Config, model dir, catalog rows (with SIDs) and histories."""
+    from onerec_prod.config import load_config
+    from onerec_prod.sid.tokens import level_sizes
+
+    cfg = load_config(args.config, [f"paths.var_root={work}", "serving.reload_interval_s=3600", *args.set],
+                      environ={})
+    items = []
+    with open(cfg.paths.dataset / "p5" / "items_p5_ids.jsonl") as f:
+        for line in f:
+            r = json.loads(line)
+            items.append({"item_id": r["p5_item_id"], "title": r["title"], "categories": r["categories"]})
+            if len(items) == args.items:
+                break
+    rng = random.Random(args.seed)
+    sizes = level_sizes(cfg.sid)
+    seen: set[tuple[int, ...]] = set()
+    for it in items:
+        while True:
+            sid = tuple(rng.randrange(n) for n in sizes)
+            if sid not in seen:
+                seen.add(sid)
+                break
+        it.update(sid=sid, sid_version="bench-sids", description=None)
+    if args.model:
+        model_dir = Path(args.model)
+    else:
+        from onerec_prod.model.base import init_base_model
+
+        t = time.perf_counter()
+        model_dir = init_base_model(cfg, [f"{it['title']} {it['categories']}" for it in items], work / "model")
+        log.info("built the embedded model in %.1fs", time.perf_counter() - t)
+    meta_path = model_dir / "onerec_meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if meta.get("sid_version") not in (None, "bench-sids"):
+        raise SystemExit(f"--model {model_dir} has sid_version {meta['sid_version']}; the bench assigns its own SIDs")
+    ids = [it["item_id"] for it in items]
+    histories = {f"user{u:04d}": rng.sample(ids, rng.randint(5, 20)) for u in range(args.users)}
+    return cfg, model_dir, items, histories
+
+
+def run_sequential(urls: dict[str, str], users: list[str], n: int) -> dict[str, dict]:
+    import httpx
+
+    lat: dict[str, list[float]] = {p: [] for p in urls}
+    server: dict[str, list[float]] = {p: [] for p in urls}
+    paths: dict[str, set] = {p: set() for p in urls}
+    clients = {p: httpx.Client(base_url=u, timeout=60) for p, u in urls.items()}
+    try:
+        for i in range(n):
+            for p, c in clients.items():
+                t = time.perf_counter()
+                r = c.post("/recommend", json={"user_id": users[i % len(users)]})
+                lat[p].append(time.perf_counter() - t)
+                r.raise_for_status()
+                body = r.json()
+                server[p].append(body["latency_ms"] / 1000)
+                paths[p].add(body["path"])
+    finally:
+        for c in clients.values():
+            c.close()
+    return {p: {"p50_ms": 1000 * percentile(lat[p], 50), "p99_ms": 1000 * percentile(lat[p], 99),
+                "mean_ms": 1000 * statistics.fmean(lat[p]), "server_p50_ms": 1000 * percentile(server[p], 50),
+                "paths_seen": sorted(paths[p])} for p in urls}
+
+
+def run_throughput(url: str, users: list[str], n: int, concurrency: int) -> float:
+    import httpx
+
+    counter = iter(range(n))
+    lock = threading.Lock()
+    failures: list[str] = []
+
+    def worker():
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                r = c.post("/recommend", json={"user_id": users[i % len(users)]})
+                if r.status_code != 200:
+                    failures.append(r.text)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t
+    if failures:
+        raise RuntimeError(f"{len(failures)} failed requests, e.g. {failures[0]}")
+    return n / wall
+
+
+def measure_think(cfg, model_dir: Path, items, histories, users, args) -> dict:
+    """In process: full generation with an online rationale (what Think-Ahead moves offline)."""
+    from onerec_prod.eval.beam import beam_search_sids, generate_rationales
+    from onerec_prod.model.io import load_model, load_tokenizer
+    from onerec_prod.samples.prompts import inference_prompt_ids, rec_messages
+    from onerec_prod.sid.tokens import SidVocab, level_sizes
+    from onerec_prod.sid.trie import SidTrie
+
+    by_id = {it["item_id"]: it for it in items}
+    tok, model = load_tokenizer(model_dir), load_model(model_dir)
+    sizes = level_sizes(cfg.sid)
+    trie, vocab = SidTrie.from_sids([it["sid"] for it in items], sizes), SidVocab.from_tokenizer(tok, sizes)
+    lat = []
+    for i in range(min(args.requests, 50)):
+        msgs = rec_messages([by_id[x] for x in histories[users[i % len(users)]]], think=True,
+                            max_items=cfg.samples.max_history)
+        t = time.perf_counter()
+        r = generate_rationales(model, tok, [inference_prompt_ids(tok, msgs, think=True)], args.think_tokens)
+        prompt = inference_prompt_ids(tok, msgs, think=True, rationale=r[0])
+        beam_search_sids(model, [prompt], trie, vocab, cfg.serving.top_n)
+        lat.append(time.perf_counter() - t)
+    return {"p50_ms": 1000 * percentile(lat, 50), "p99_ms": 1000 * percentile(lat, 99), "n": len(lat),
+            "max_think_tokens": args.think_tokens}
+
+
+def wait_ready(url: str, version: str, timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = httpx.get(url + "/healthz", timeout=10)
+        if r.status_code == 200 and r.json()["model_version"] == version:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} never became ready with version {version}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(REPO / "configs" / "local.yaml"))
+    p.add_argument("--set", action="append", default=[], help="Config override group.key=value.")
+    p.add_argument("--model", default=None, help="Model dir (default: build the embedded model).")
+    p.add_argument("--items", type=int, default=2000, help="Catalog items (first N Beauty items).")
+    p.add_argument("--users", type=int, default=32)
+    p.add_argument("--requests", type=int, default=200, help="Requests per path per phase.")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--think-tokens", type=int, default=32,
+                   help="Also time full generation with an online rationale of N tokens, in process (0 = skip).")
+    p.add_argument("--work", default=None, help="Work dir (default: a temp dir, removed at the end).")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "onerec_prod.eval.beam"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    import torch
+
+    from onerec_prod.serving.precompute import precompute
+    from onerec_prod.serving.service import background_server, create_app
+
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        work = Path(args.work or tmp)
+        cfg, model_dir, items, histories = build_setup(args, work)
+        t = time.perf_counter()
+        res = precompute(cfg, "2014-01-01", model_dir, "bench", histories=histories, catalog=items, write_table=False)
+        pre_s = time.perf_counter() - t
+        users = sorted(histories)
+        apps = {"prefix": (create_app(cfg, champion_resolver=lambda: ("bench", model_dir)), "bench"),
+                "full": (create_app(cfg, champion_resolver=lambda: ("bench-full", model_dir)), "bench-full")}
+        with background_server(apps["prefix"][0]) as u_prefix, background_server(apps["full"][0]) as u_full:
+            urls = {"prefix": u_prefix, "full": u_full}
+            for name, url in urls.items():
+                wait_ready(url, apps[name][1])
+            run_sequential(urls, users, args.warmup)
+            seq = run_sequential(urls, users, args.requests)
+            # throughput in alternating rounds, so load from other processes hits both paths alike
+            rounds, per_round = 4, max(1, args.requests // 4)
+            wall = {name: 0.0 for name in urls}
+            for _ in range(rounds):
+                for name, url in urls.items():
+                    wall[name] += per_round / run_throughput(url, users, per_round, args.concurrency)
+            rps = {name: rounds * per_round / wall[name] for name in urls}
+            think = measure_think(cfg, model_dir, items, histories, users, args) if args.think_tokens else None
+        if seq["prefix"]["paths_seen"] != ["prefix"] or seq["full"]["paths_seen"] != ["fallback"]:
+            raise RuntimeError(f"unexpected paths: {seq}")
+
+    s = cfg.serving
+    summary = {
+        "bench": "serving", "device": "cpu", "torch_threads": torch.get_num_threads(),
+        "model": str(args.model or f"embedded {cfg.model.num_layers}x{cfg.model.hidden_size}"),
+        "sid_sizes": [cfg.sid.codebook_size] * cfg.sid.levels + [cfg.sid.collision_size],
+        "prefix_levels": s.prefix_levels, "prefix_beam": s.prefix_beam, "top_n": s.top_n,
+        "items": len(items), "users": len(users), "requests_per_path": args.requests,
+        "concurrency": args.concurrency, "precompute_s": round(pre_s, 2), "precompute_users": res["users"],
+        "prefix": {**{k: round(v, 2) for k, v in seq["prefix"].items() if k != "paths_seen"},
+                   "rps": round(rps["prefix"], 2)},
+        "full": {**{k: round(v, 2) for k, v in seq["full"].items() if k != "paths_seen"},
+                 "rps": round(rps["full"], 2)},
+        "ratio_p50_full_over_prefix": round(seq["full"]["p50_ms"] / seq["prefix"]["p50_ms"], 2),
+        "ratio_p99_full_over_prefix": round(seq["full"]["p99_ms"] / seq["prefix"]["p99_ms"], 2),
+        "ratio_rps_prefix_over_full": round(rps["prefix"] / rps["full"], 2),
+    }
+    if think is not None:
+        summary["full_think_in_process"] = {k: round(v, 2) for k, v in think.items()}
+        summary["ratio_p50_full_think_over_prefix_server"] = round(think["p50_ms"] / seq["prefix"]["server_p50_ms"], 2)
+    print(f"{'path':8s} {'p50 ms':>8s} {'p99 ms':>8s} {'server p50':>11s} {'req/s':>8s}")
+    for name in ("prefix", "full"):
+        r = summary[name]
+        print(f"{name:8s} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['server_p50_ms']:11.2f} {r['rps']:8.2f}")
+    print(f"full/prefix latency: p50 x{summary['ratio_p50_full_over_prefix']}, "
+          f"p99 x{summary['ratio_p99_full_over_prefix']}; prefix/full req/s x{summary['ratio_rps_prefix_over_full']}")
+    if think is not None:
+        print(f"full generation with a {args.think_tokens}-token online rationale (in process): "
+              f"p50 {think['p50_ms']:.2f} ms, p99 {think['p99_ms']:.2f} ms "
+              f"(x{summary['ratio_p50_full_think_over_prefix_server']} the prefix path's server p50)")
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Think-Ahead service end to end on the tiny model: precompute -> export -> HTTP.
+
+* real HTTP on 127.0.0.1 (uvicorn in a thread, stopped by the test): catalog-only items, the
+  prefix path and every fallback, /healthz, /metrics, an oversized chunked body;
+* the champion alias of a real MLflow registry (tmp sqlite store) moved while requests run:
+  the service swaps models without a failed request, then picks up the new version's export;
+* bad requests through TestClient: clear 4xx messages.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DT = "2014-01-05"
+SID_VERSION = "sid-test"
+
+
+# --------------------------------------------------------------------------------------
+# fixtures and helpers
+
+
+def make_model_dir(src: Path, dst: Path) -> Path:
+    """A copy of the tiny model whose meta names the catalog's sid_version."""
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "onerec_meta.json").read_text())
+    meta["sid_version"] = SID_VERSION
+    (dst / "onerec_meta.json").write_text(json.dumps(meta))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def catalog(beauty_items, tiny_sids) -> list[dict]:
+    return [{**it, "description": None, "sid": tiny_sids[it["item_id"]], "sid_version": SID_VERSION}
+            for it in beauty_items]
+
+
+@pytest.fixture(scope="module")
+def histories(catalog) -> dict[str, list[str]]:
+    ids = [it["item_id"] for it in catalog]
+    rng = random.Random(1)
+    return {f"u{i}": rng.sample(ids, 2 + i % 4) for i in range(8)}
+
+
+def load_cfg(root: Path, *overrides: str):
+    from onerec_prod.config import load_config
+
+    return load_config(REPO / "configs" / "test.yaml", [f"paths.var_root={root}", *overrides], environ={})
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir, catalog, histories):
+    """(cfg, model dir) with the export of version '1' written."""
+    from onerec_prod.serving.precompute import precompute
+
+    root = tmp_path_factory.mktemp("serving")
+    cfg = load_cfg(root, "serving.reload_interval_s=0.2")
+    model_dir = make_model_dir(tiny_model_dir, root / "m1")
+    res = precompute(cfg, DT, model_dir, "1", histories=histories, catalog=catalog, write_table=False)
+    assert res["users"] == len(histories)
+    return cfg, model_dir
+
+
+def http_server(app):
+    """uvicorn on 127.0.0.1:<free port> in a thread, stopped when the block ends."""
+    from onerec_prod.serving.service import background_server
+
+    return background_server(app)
+
+
+def wait_for(client, pred, timeout: float = 60.0) -> dict:
+    """Poll /healthz until ``pred(json)`` holds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        r = client.get("/healthz")
+        last = r.json()
+        if r.status_code == 200 and pred(last):
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"/healthz never satisfied the condition; last: {last}")
+
+
+def assert_catalog_items(body: dict, catalog: list[dict], k: int) -> None:
+    by_id = {it["item_id"]: tuple(it["sid"]) for it in catalog}
+    items = body["items"]
+    assert 1 <= len(items) <= k
+    assert len({it["item_id"] for it in items}) == len(items)
+    for it in items:
+        assert it["item_id"] in by_id, f"{it['item_id']} is not a catalog item"
+        assert tuple(it["sid"]) == by_id[it["item_id"]]
+    scores = [it["score"] for it in items]
+    assert scores == sorted(scores, reverse=True)
+
+
+# --------------------------------------------------------------------------------------
+# tests
+
+
+def test_export_holds_top_prefixes(served, histories, tiny_sids):
+    from onerec_prod.serving.precompute import export_root, latest_export, read_export
+
+    cfg, _ = served
+    path, manifest = latest_export(export_root(cfg), model_version="1")
+    exp = read_export(path)
+    assert manifest["dt"] == DT and manifest["sid_version"] == SID_VERSION
+    assert set(exp.users) == set(histories)
+    catalog_prefixes = {s[: cfg.serving.prefix_levels] for s in tiny_sids.values()}
+    for row in exp.users.values():
+        assert 1 <= len(row.prefixes) <= cfg.serving.prefix_beam
+        assert all(len(c) == cfg.serving.prefix_levels and c in catalog_prefixes for c, _ in row.prefixes)
+        scores = [s for _, s in row.prefixes]
+        assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)
+
+
+def test_http_prefix_path_and_fallbacks(served, catalog, histories):
+    import httpx
+
+    from onerec_prod.serving.service import create_app
+
+    cfg, model_dir = served
+    app = create_app(cfg, champion_resolver=lambda: ("1", model_dir))
+    top_n = cfg.serving.top_n
+    with http_server(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert wait_for(c, lambda h: h["model_version"] == "1")["prefixes_current"] is True
+
+        r = c.post("/recommend", json={"user_id": "u3"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["path"] == "prefix" and body["model_version"] == "1" and body["latency_ms"] > 0
+        assert_catalog_items(body, catalog, top_n)
+        from onerec_prod.serving.precompute import export_root, latest_export, read_export
+
+        row = read_export(latest_export(export_root(cfg), model_version="1")[0]).users["u3"]
+        k = cfg.serving.prefix_levels
+        assert {tuple(it["sid"][:k]) for it in body["items"]} <= {c for c, _ in row.prefixes}
+
+        r = c.post("/recommend", json={"user_id": "u3", "k": 2})
+        assert r.json()["path"] == "prefix" and len(r.json()["items"]) <= 2
+
+        r = c.post("/recommend", json={"user_id": "stranger"})
+        assert r.status_code == 200 and r.json()["path"] == "fallback"
+        assert_catalog_items(r.json(), catalog, top_n)
+
+        fresh = [catalog[7]["item_id"], catalog[9]["item_id"]]
+        r = c.post("/recommend", json={"user_id": "u3", "events": fresh, "k": 3})
+        assert r.status_code == 200 and r.json()["path"] == "fallback"
+        assert r.json()["rationale"] is None
+        assert_catalog_items(r.json(), catalog, 3)
+
+        big = json.dumps({"user_id": "u3", "events": ["x" * 100] * 1000}).encode()
+
+        def chunks():
+            for i in range(0, len(big), 4096):
+                yield big[i: i + 4096]
+
+        r = c.post("/recommend", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]
+
+        m = c.get("/metrics").text
+        assert 'onerec_recommend_requests_total{path="prefix"} 2' in m
+        assert 'onerec_recommend_requests_total{path="fallback"} 2' in m
+        assert 'onerec_fallback_total{reason="unknown_user"} 1' in m
+        assert 'onerec_fallback_total{reason="fresh_events"} 1' in m
+        assert 'onerec_recommend_latency_seconds_count{path="prefix"} 2' in m
+        assert 'onerec_model_info{model_version="1"' in m
+        assert 'onerec_http_responses_total{code="413"} 1' in m
+
+
+def test_stale_rows_fall_back(served, catalog):
+    """A model version without its own export serves every user through full generation."""
+    from fastapi.testclient import TestClient
+
+    from onerec_prod.serving.service import create_app
+
+    cfg, model_dir = served
+    app = create_app(cfg, champion_resolver=lambda: ("7", model_dir))
+    with TestClient(app) as c:
+        h = wait_for(c, lambda h: h["model_version"] == "7")
+        assert h["prefixes_current"] is False
+        body = c.post("/recommend", json={"user_id": "u3"}).json()
+        assert body["path"] == "fallback" and body["model_version"] == "7"
+        assert_catalog_items(body, catalog, cfg.serving.top_n)
+        assert 'onerec_fallback_total{reason="stale"} 1' in c.get("/metrics").text
+
+
+def test_think_mode_serves_the_stored_rationale(tmp_path, tiny_model_dir, catalog, histories):
+    """serving.think: precompute writes a rationale and conditions the prefixes on it; the prefix
+    path rebuilds the same prompt and returns the rationale."""
+    from fastapi.testclient import TestClient
+
+    from onerec_prod.serving.precompute import export_root, latest_export, precompute, read_export
+    from onerec_prod.serving.service import create_app
+
+    cfg = load_cfg(tmp_path, "serving.think=true", "serving.max_think_tokens=6")
+    model_dir = make_model_dir(tiny_model_dir, tmp_path / "m")
+    few = {u: histories[u] for u in ("u1", "u2")}
+    precompute(cfg, DT, model_dir, "1", histories=few, catalog=catalog, write_table=False)
+    path, manifest = latest_export(export_root(cfg), model_version="1")
+    rows = read_export(path).users
+    assert manifest["think"] is True and all(isinstance(r.rationale, str) for r in rows.values())
+    with TestClient(create_app(cfg, champion_resolver=lambda: ("1", model_dir))) as c:
+        wait_for(c, lambda h: True)
+        body = c.post("/recommend", json={"user_id": "u1"}).json()
+        assert body["path"] == "prefix" and body["rationale"] == rows["u1"].rationale
+        assert_catalog_items(body, catalog, cfg.serving.top_n)
+        assert c.post("/recommend", json={"user_id": "u9"}).json()["rationale"] is None
+
+
+def test_bad_requests_get_clear_4xx(served):
+    from fastapi.testclient import TestClient
+
+    from onerec_prod.serving.service import create_app
+
+    cfg, model_dir = served
+    top_n = cfg.serving.top_n
+    with TestClient(create_app(cfg, champion_resolver=lambda: ("1", model_dir))) as c:
+        wait_for(c, lambda h: True)
+        cases = [
+            ({"user_id": "u1", "k": 0}, "k:"),
+            ({"user_id": "u1", "k": top_n + 1}, f"less than or equal to {top_n}"),
+            ({"user_id": "u1", "k": "3"}, "k:"),
+            ({"user_id": "u1", "k": True}, "k:"),
+            ({"user_id": 12}, "user_id:"),
+            ({"user_id": ""}, "user_id:"),
+            ({}, "user_id: Field required"),
+            ({"user_id": "u1", "events": "abc"}, "events:"),
+            ({"user_id": "u1", "events": ["nope-1", "nope-2"]}, "unknown item id"),
+            ({"user_id": "u1", "events": ["x"] * (cfg.serving.max_events + 1)}, "events:"),
+            ({"user_id": "u1", "model": "/etc/passwd"}, "model: unknown field"),
+            ({"user_id": "u1", "model_dir": "models:/onerec@champion"}, "unknown field"),
+            ([1, 2], "JSON object"),
+        ]
+        for body, needle in cases:
+            r = c.post("/recommend", json=body)
+            assert r.status_code == 422, (body, r.status_code, r.text)
+            text = json.dumps(r.json())
+            assert needle in text, (body, text)
+        r = c.post("/recommend", content=b'{"user_id": ', headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "not valid JSON" in r.text
+        r = c.post("/recommend", content=b"x" * (cfg.serving.max_body_bytes + 1),
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert c.get("/recommend").status_code == 405
+
+
+def test_serve_cli_wires_a_pinned_model(served, monkeypatch):
+    """``onerec-prod serve --model DIR --model-version 1 --port P`` builds the app uvicorn runs."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from onerec_prod import cli
+    from onerec_prod.serving import cli as serve_cli
+
+    cfg, model_dir = served
+    got = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: got.update(app=app, **kw))
+    argv = ["serve", "--model", str(model_dir), "--model-version", "1", "--port", "18999"]
+    assert serve_cli.main(cli.build_parser(argv).parse_args(argv), cfg) == 0
+    assert (got["host"], got["port"]) == ("127.0.0.1", 18999)
+    with TestClient(got["app"]) as c:
+        assert wait_for(c, lambda h: h["model_version"] == "1")["prefixes_current"] is True
+        assert c.post("/recommend", json={"user_id": "u0"}).json()["path"] == "prefix"
+
+
+def test_not_ready_without_a_champion(served):
+    from fastapi.testclient import TestClient
+
+    from onerec_prod.serving.service import create_app
+
+    cfg, _ = served
+    with TestClient(create_app(cfg, champion_resolver=lambda: None)) as c:
+        time.sleep(0.1)
+        assert c.get("/healthz").status_code == 503
+        r = c.post("/recommend", json={"user_id": "u1"})
+        assert r.status_code == 503 and "no model" in r.json()["error"]
+        assert "onerec_ready 0" in c.get("/metrics").text
+
+
+def test_follows_champion_without_downtime(tmp_path, tiny_model_dir, catalog, histories):
+    """Real registry: champion 1 -> 2 while requests run; then version 2's export is picked up."""
+    import httpx
+
+    from onerec_prod.registry import registry
+    from onerec_prod.serving.precompute import precompute
+    from onerec_prod.serving.service import create_app
+
+    cfg = load_cfg(tmp_path, "serving.reload_interval_s=0.2")
+    m1 = make_model_dir(tiny_model_dir, tmp_path / "cand1")
+    m2 = make_model_dir(tiny_model_dir, tmp_path / "cand2")
+    v1 = registry.register(cfg, m1, "2014-01-04", {"sid_version": SID_VERSION})
+    v2 = registry.register(cfg, m2, DT, {"sid_version": SID_VERSION})
+    assert v1 != v2
+    registry.promote(cfg, v1, force=True, reason="test")
+    ver, d1 = registry.champion(cfg)
+    precompute(cfg, DT, d1, ver, histories=histories, catalog=catalog, write_table=False)
+
+    app = create_app(cfg)  # the default: follow models:/onerec@champion
+    with http_server(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        wait_for(c, lambda h: h["model_version"] == v1 and h["prefixes_current"])
+        assert c.post("/recommend", json={"user_id": "u1"}).json()["path"] == "prefix"
+
+        seen, errors, stop = [], [], threading.Event()
+
+        def hammer():
+            with httpx.Client(base_url=url, timeout=30) as hc:
+                while not stop.is_set():
+                    r = hc.post("/recommend", json={"user_id": "u2"})
+                    (seen if r.status_code == 200 else errors).append(r.json().get("model_version", r.text))
+
+        th = threading.Thread(target=hammer)
+        th.start()
+        try:
+            time.sleep(0.3)
+            registry.promote(cfg, v2, force=True, reason="test")
+            wait_for(c, lambda h: h["model_version"] == v2)
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            th.join(30)
+        assert not errors, errors
+        assert seen[0] == v1 and seen[-1] == v2 and set(seen) == {v1, v2}
+
+        # no export for v2 yet: stale -> fallback; after its precompute: prefix path again
+        assert c.post("/recommend", json={"user_id": "u1"}).json()["path"] == "fallback"
+        precompute(cfg, DT, registry.champion(cfg)[1], v2, histories=histories, catalog=catalog,
+                   write_table=False)
+        wait_for(c, lambda h: h["model_version"] == v2 and h["prefixes_current"])
+        body = c.post("/recommend", json={"user_id": "u1"}).json()
+        assert body["path"] == "prefix" and body["model_version"] == v2
+        assert "onerec_model_reloads_total 3" in c.get("/metrics").text

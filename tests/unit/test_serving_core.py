@@ -1,0 +1,191 @@
+"""Pure parts of Think-Ahead serving: export files, catalog selection, the request core, metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from onerec_prod.serving.precompute import (
+    UserPrefixes,
+    active_since,
+    check_model_version,
+    latest_export,
+    list_exports,
+    read_export,
+    select_catalog,
+    write_export,
+)
+from onerec_prod.serving.service import Metrics, ServingState, UnknownItems, recommend
+
+ITEMS = [
+    {"item_id": "a", "title": "A", "categories": "Beauty > Nails", "sid": (0, 1, 2)},
+    {"item_id": "b", "title": "B", "categories": "Beauty", "sid": (0, 1, 3)},
+    {"item_id": "c", "title": "C", "categories": None, "sid": (2, 0, 0)},
+]
+ROWS = [UserPrefixes("u1", ("a", "b"), None, (((0, 1), -0.5), ((2, 0), -1.5))),
+        UserPrefixes("u2", ("c",), "likes nails", (((2, 0), -0.1),))]
+
+
+def export(root: Path, version="3", dt="2014-01-02", rows=ROWS, sid_version="s1") -> Path:
+    return write_export(root, model_version=version, dt=dt, sid_version=sid_version, rows=rows, items=ITEMS,
+                        settings={"prefix_levels": 2, "think": False, "max_history": 10})
+
+
+def test_active_window_and_version_names():
+    assert active_since("2014-03-01", 1) == "2014-03-01"
+    assert active_since("2014-03-01", 2) == "2014-02-28"
+    assert active_since("2014-03-01", 0) is None
+    assert check_model_version("12") == "12"
+    for bad in ("../x", "", "a/b", "models:/onerec@champion"):
+        with pytest.raises(ValueError, match="model_version"):
+            check_model_version(bad)
+
+
+def test_export_roundtrip_and_rerun_replaces(tmp_path):
+    d = export(tmp_path)
+    exp = read_export(d)
+    assert exp.model_version == "3" and exp.sid_version == "s1"
+    assert exp.users == {r.user_id: r for r in ROWS}
+    assert [it["sid"] for it in exp.items] == [(0, 1, 2), (0, 1, 3), (2, 0, 0)]
+    first = sorted(p.name for p in d.iterdir())
+    assert export(tmp_path) == d and sorted(p.name for p in d.iterdir()) == first  # same content: same files
+    export(tmp_path, rows=ROWS[:1])  # a rerun with other rows: new users file, old one removed
+    assert set(read_export(d).users) == {"u1"}
+    assert len([p for p in d.iterdir() if p.name.startswith("users-")]) == 1
+
+
+def test_tampered_export_is_refused(tmp_path):
+    d = export(tmp_path)
+    users = next(d.glob("users-*.jsonl"))
+    users.write_text(users.read_text().replace("u1", "u9"))
+    with pytest.raises(ValueError, match="sha256"):
+        read_export(d)
+    (d / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        read_export(d)
+
+
+def test_latest_export_by_version_date_and_sid_version(tmp_path):
+    assert latest_export(tmp_path / "missing") is None
+    export(tmp_path, "3", "2014-01-02")
+    export(tmp_path, "3", "2014-01-05")
+    export(tmp_path, "4", "2014-01-04", sid_version="s2")
+    (tmp_path / "5" / "dt=2014-01-09").mkdir(parents=True)  # no manifest: not committed
+    assert latest_export(tmp_path, model_version="3")[1]["dt"] == "2014-01-05"
+    assert latest_export(tmp_path, model_version="5") is None
+    assert latest_export(tmp_path)[1]["dt"] == "2014-01-05"
+    assert latest_export(tmp_path, sid_version="s2")[1]["model_version"] == "4"
+    assert [m["dt"] for _, m in list_exports(tmp_path)] == ["2014-01-02", "2014-01-04", "2014-01-05"]
+
+
+def test_select_catalog_keeps_the_models_sid_version():
+    rows = [{"item_id": "x", "title": "X", "categories": None, "sid": [1, 2], "sid_version": "s1"},
+            {"item_id": "y", "title": "Y", "categories": None, "sid": [1, 3], "sid_version": "s2"},
+            {"item_id": "z", "title": "Z", "categories": None, "sid": None, "sid_version": None}]
+    items, v = select_catalog(rows, "s2")
+    assert v == "s2" and [(i["item_id"], i["sid"]) for i in items] == [("y", (1, 3))]
+    assert select_catalog(rows[:1], None)[1] == "s1"  # a base model takes the only version
+    with pytest.raises(ValueError, match="sid_version"):
+        select_catalog(rows, None)
+
+
+# --------------------------------------------------------------------------------------
+# the request core with a fake backend and tokenizer
+
+
+class FakeTok:
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        return "|".join(m["content"] for m in messages)
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [len(text)]}
+
+
+class FakeBackend:
+    name = "fake"
+
+    def __init__(self, complete_result, full_result):
+        self.calls = []
+        self.complete_result, self.full_result = complete_result, full_result
+
+    def complete(self, prompts, prefixes, *, beam_size):
+        self.calls.append(("complete", prefixes[0], beam_size))
+        return [list(self.complete_result)]
+
+    def full(self, prompts, *, beam_size):
+        self.calls.append(("full", None, beam_size))
+        return [list(self.full_result)]
+
+
+def state(backend, current=True) -> ServingState:
+    return ServingState(
+        model_version="3", model_dir=Path("/m"), sid_version="s1", backend=backend, tokenizer=FakeTok(),
+        items={it["item_id"]: it for it in ITEMS}, sid_to_item={it["sid"]: it["item_id"] for it in ITEMS},
+        users={r.user_id: r for r in ROWS}, prefixes_current=current, think=False, max_items=10, export_id="e")
+
+
+def test_request_paths_and_catalog_only():
+    be = FakeBackend([((0, 1, 3), -1.0), ((9, 9, 9), -1.2), ((0, 1, 2), -2.0)], [((2, 0, 0), -0.7)])
+    out = recommend(state(be), "u1", [], 5, 5)
+    assert out["path"] == "prefix" and out["fallback_reason"] is None
+    assert [i["item_id"] for i in out["items"]] == ["b", "a"]  # (9, 9, 9) is not a catalog SID: dropped
+    assert be.calls[-1] == ("complete", list(ROWS[0].prefixes), 5)
+    assert recommend(state(be), "u1", [], 1, 5)["items"] == [{"item_id": "b", "sid": [0, 1, 3], "score": -1.0}]
+    u2 = recommend(state(be), "u2", [], 5, 5)
+    assert u2["rationale"] == "likes nails"
+    for user, events, st, reason in [("nobody", [], state(be), "unknown_user"), ("u1", ["c"], state(be), "fresh_events"),
+                                     ("u1", [], state(be, current=False), "stale")]:
+        out = recommend(st, user, events, 5, 5)
+        assert (out["path"], out["fallback_reason"], out["rationale"]) == ("fallback", reason, None)
+        assert [i["item_id"] for i in out["items"]] == ["c"] and be.calls[-1][0] == "full"
+    with pytest.raises(UnknownItems, match="'zz'"):
+        recommend(state(be), "u1", ["a", "zz"], 5, 5)
+
+
+def test_empty_completion_falls_back():
+    be = FakeBackend([], [((0, 1, 2), -0.3)])
+    out = recommend(state(be), "u1", [], 5, 5)
+    assert out["path"] == "fallback" and out["fallback_reason"] == "no_prefix"
+    assert [c[0] for c in be.calls] == ["complete", "full"]
+
+
+def test_metrics_histogram_is_cumulative():
+    m = Metrics()
+    for s in (0.003, 0.02, 0.7):
+        m.observe("prefix", None, s)
+    m.observe("fallback", "stale", 20.0)
+    m.status(200)
+    text = m.render(None)
+    assert 'onerec_recommend_latency_seconds_bucket{path="prefix",le="0.005"} 1' in text
+    assert 'onerec_recommend_latency_seconds_bucket{path="prefix",le="0.025"} 2' in text
+    assert 'onerec_recommend_latency_seconds_bucket{path="prefix",le="0.5"} 2' in text
+    assert 'onerec_recommend_latency_seconds_bucket{path="prefix",le="1.0"} 3' in text
+    assert 'onerec_recommend_latency_seconds_bucket{path="fallback",le="10.0"} 0' in text
+    assert 'onerec_recommend_latency_seconds_bucket{path="fallback",le="+Inf"} 1' in text
+    assert 'onerec_recommend_latency_seconds_sum{path="prefix"} 0.723000' in text
+    assert 'onerec_fallback_total{reason="stale"} 1' in text and "onerec_ready 0" in text
+    assert json.dumps(text)  # plain text, no NaN/objects
+
+
+def test_resolvers_pinned_following_and_once(monkeypatch, tmp_path):
+    from onerec_prod.config import load_config
+    from onerec_prod.registry import registry
+    from onerec_prod.serving.service import default_resolver
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "test.yaml",
+                      [f"paths.var_root={tmp_path}"], environ={})
+    answers = iter([("1", tmp_path / "v1"), ("2", tmp_path / "v2")])
+    monkeypatch.setattr(registry, "champion", lambda c: next(answers))
+    follow = default_resolver(cfg, model_dir=None, model_version=None, follow_champion=True)
+    assert [follow()[0], follow()[0]] == ["1", "2"]
+    answers = iter([("5", tmp_path / "v5"), ("6", tmp_path / "v6")])
+    once = default_resolver(cfg, model_dir=None, model_version=None, follow_champion=False)
+    assert [once()[0], once()[0]] == ["5", "5"]
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "onerec_meta.json").write_text(json.dumps({"weights_sha256": "abc"}))
+    pinned = default_resolver(cfg, model_dir=tmp_path / "m", model_version=None, follow_champion=True)
+    version, path = pinned()
+    assert version.startswith("local-") and path == tmp_path / "m" and pinned() == (version, path)
+    assert default_resolver(cfg, model_dir=tmp_path / "m", model_version="9", follow_champion=True)()[0] == "9"
