@@ -244,3 +244,82 @@ def check_reason(schema: TableSchema, rule: str) -> str:
         if ch.rule == rule:
             return ch.reason or rule
     raise KeyError(f"schema {schema.name!r} has no {rule!r} check")
+
+
+# --------------------------------------------------------------------------------------
+# Spark side: the same validation as :func:`validate_fields`, as built-in column expressions
+# over a parsed JSON line (a VARIANT from ``try_parse_json``), so jobs need no Python UDF.
+
+_VARIANT_TYPES = {
+    "string": ("STRING",),
+    "int": ("TINYINT", "SMALLINT", "INT", "BIGINT"),
+    "bigint": ("TINYINT", "SMALLINT", "INT", "BIGINT"),
+    "double": ("TINYINT", "SMALLINT", "INT", "BIGINT", "FLOAT", "DOUBLE", "DECIMAL"),
+    "float": ("TINYINT", "SMALLINT", "INT", "BIGINT", "FLOAT", "DOUBLE", "DECIMAL"),
+    "boolean": ("BOOLEAN",),
+    "date": ("STRING", "DATE"),
+    "timestamp": ("STRING", "TIMESTAMP", "TIMESTAMP_NTZ"),
+}
+
+
+def _json_path(name: str) -> str:
+    return f"$['{name}']"
+
+
+def _variant_type_ok(type_str: str, variant_type):
+    """Column: the JSON value's variant type (``schema_of_variant``) fits schema type ``type_str``."""
+    from pyspark.sql import functions as F
+
+    t = type_str.strip().lower()
+    if t.startswith("array<"):
+        return variant_type.startswith("ARRAY")
+    if t.startswith("struct<"):
+        return variant_type.startswith("OBJECT")
+    allowed = _VARIANT_TYPES[t]
+    # DECIMAL is reported with its precision, e.g. DECIMAL(20,0) for an integer beyond bigint
+    base = F.regexp_extract(variant_type, r"^([A-Z_]+)", 1)
+    return base.isin(*allowed)
+
+
+def spark_json_fields(schema: TableSchema, v):
+    """Typed columns of schema ``schema`` extracted from a VARIANT column ``v`` (null if absent/bad)."""
+    from pyspark.sql import functions as F
+
+    return [F.try_variant_get(v, _json_path(c.name), c.type).alias(c.name) for c in schema.columns]
+
+
+def spark_row_reason(schema: TableSchema, v, raw=None):
+    """Column: the first failure reason of a parsed JSON line, or null when it is valid.
+
+    ``v`` is ``try_parse_json(raw_line)`` (null = not JSON); ``raw``, the line itself, if given,
+    makes the is-it-an-object test a cheap look at its first character. Same order and reasons as
+    :func:`validate_fields`: ``malformed_json`` (not JSON, or not an object), then per column in
+    schema order ``missing_field:<col>`` / ``bad_type:<col>``, then the row-local checks
+    (``non_empty``, ``min``, ``max``) with their reasons. JSON ``null`` counts as missing.
+    Integers beyond bigint and numbers with a fraction are ``bad_type`` of an int column.
+    """
+    from pyspark.sql import functions as F
+
+    is_object = raw.rlike(r"^\s*\{") if raw is not None else F.schema_of_variant(v).startswith("OBJECT")
+    cases = [(v.isNull() | ~is_object, "malformed_json")]
+    for c in schema.columns:
+        field_v = F.variant_get(v, _json_path(c.name), "variant")
+        is_null = field_v.isNull() | F.is_variant_null(field_v)
+        if not c.nullable:
+            cases.append((is_null, f"missing_field:{c.name}"))
+        if c.type.strip().lower() in _VARIANT_TYPES or c.type.lower().startswith(("array<", "struct<")):
+            cases.append((~is_null & ~_variant_type_ok(c.type, F.schema_of_variant(field_v)),
+                          f"bad_type:{c.name}"))
+    for ch in schema.checks:
+        col_type = schema.column(ch.column).type
+        val = F.try_variant_get(v, _json_path(ch.column), col_type)
+        if ch.rule == "non_empty" and col_type == "string":
+            cases.append((val.isNotNull() & val.rlike(r"^\s*$"), ch.reason or f"empty:{ch.column}"))
+        elif ch.rule == "min":
+            cases.append((val.isNotNull() & (val < F.lit(ch.value)), ch.reason or f"below_min:{ch.column}"))
+        elif ch.rule == "max":
+            cases.append((val.isNotNull() & (val > F.lit(ch.value)), ch.reason or f"above_max:{ch.column}"))
+    expr = None
+    for cond, reason in cases:
+        expr = F.when(cond, F.lit(reason)) if expr is None else expr.when(cond, F.lit(reason))
+    return expr

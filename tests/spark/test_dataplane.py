@@ -1,0 +1,214 @@
+"""Data plane on real Spark + Delta (issue 4): exact quarantine, reruns, backfill order.
+
+One replay of a small real Beauty slice (bootstrap 2014-02-24..28, then 2014-03-01 and 03-02,
+with injected faults) is run through the four jobs twice:
+
+* lake A, daily order: each day's four jobs, day after day; then day 2014-03-01 is rerun;
+* lake B, fresh, backfill order: each job over all days, job after job.
+
+The module fixture builds its configs with ``load_config`` like ``make_cfg`` does, because
+``make_cfg`` is function-scoped and the lakes are shared by the tests of this module.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+DAYS = ["2014-02-28", "2014-03-01", "2014-03-02"]  # = slice_plan["days"]: bootstrap, then 2 days
+REPO = Path(__file__).resolve().parents[2]
+TABLES = ("events", "events_quarantine", "catalog", "items_quarantine", "examples", "user_history",
+          "eval_snapshot")
+
+
+def _cfg(root: Path, raw: Path, dataset: Path):
+    from onerec_prod.config import load_config
+
+    return load_config(REPO / "configs" / "test.yaml",
+                       [f"paths.var_root={root}", f"paths.raw_root={raw}", f"paths.dataset_dir={dataset}"],
+                       environ={})
+
+
+def _freeze(v):
+    return tuple(_freeze(x) for x in v) if isinstance(v, list) else v
+
+
+def table_rows(spark, cfg, name: str) -> list[tuple]:
+    """Every row of a table, as sorted tuples (arrays as tuples)."""
+    from onerec_prod.lake import read_table, table_path
+
+    df = read_table(spark, table_path(cfg, name))
+    return sorted(tuple(_freeze(v) for v in r) for r in df.collect())
+
+
+def snapshot(spark, cfg) -> dict[str, list[tuple]]:
+    return {t: table_rows(spark, cfg, t) for t in TABLES}
+
+
+def run_day(spark, cfg, dt, results):
+    from jobs.runner import JOBS, run_job
+
+    for name in JOBS:
+        kw = {"assign_sids": False} if name == "update_catalog" else {}
+        results[(name, dt)] = run_job(spark, name, dt, cfg, **kw)
+
+
+@pytest.fixture(scope="module")
+def lakes(spark, beauty_slice, slice_plan, tmp_path_factory):
+    from jobs.runner import JOBS, run_job
+    from onerec_prod.replay import FaultSpec, replay
+
+    assert slice_plan["days"] == DAYS
+    root = tmp_path_factory.mktemp("dataplane")
+    raw = root / "raw"
+    cfg_a = _cfg(root / "a", raw, beauty_slice)
+    summary = replay(cfg_a, DAYS[1], len(DAYS) - 1, faults=FaultSpec.parse(slice_plan["faults"]),
+                     bootstrap_before=slice_plan["bootstrap_before"])
+    assert [p["dt"] for p in summary["partitions"]] == DAYS
+
+    res_a: dict = {}
+    for dt in DAYS:
+        run_day(spark, cfg_a, dt, res_a)
+    first = snapshot(spark, cfg_a)
+    res_rerun: dict = {}
+    run_day(spark, cfg_a, DAYS[1], res_rerun)
+    rerun = snapshot(spark, cfg_a)
+
+    cfg_b = _cfg(root / "b", raw, beauty_slice)
+    for name in JOBS:
+        for dt in DAYS:
+            kw = {"assign_sids": False} if name == "update_catalog" else {}
+            run_job(spark, name, dt, cfg_b, **kw)
+    backfill = snapshot(spark, cfg_b)
+    return {"raw": raw, "cfg": cfg_a, "first": first, "rerun": rerun, "backfill": backfill,
+            "results": res_a, "rerun_results": res_rerun}
+
+
+def _raw_lines(raw: Path, kind: str, dt: str) -> list[str]:
+    return (raw / kind / f"dt={dt}" / "part-0000.jsonl").read_text().splitlines()
+
+
+def _manifest(raw: Path, kind: str, dt: str) -> dict:
+    return json.loads((raw / kind / f"dt={dt}" / "_faults.json").read_text())
+
+
+def test_faults_are_quarantined_exactly_with_their_reasons(lakes):
+    raw, snap = lakes["raw"], lakes["first"]
+    for kind, table in (("events", "events_quarantine"), ("items", "items_quarantine")):
+        got = {(r[4], r[3], r[1]) for r in snap[table]}  # (dt, line_no, reason)
+        want = {(dt, f["line"], f["reason"]) for dt in DAYS[1:] for f in _manifest(raw, kind, dt)["faults"]}
+        assert want and got == want, kind
+        # the quarantine keeps the raw line and names its file
+        for raw_line, _, source_file, line_no, dt in snap[table]:
+            assert source_file == f"{kind}/dt={dt}/part-0000.jsonl"
+            assert _raw_lines(raw, kind, dt)[line_no - 1] == raw_line
+
+
+def test_no_good_row_is_lost_and_none_doubled(lakes):
+    raw, snap = lakes["raw"], lakes["first"]
+    events = snap["events"]
+    assert len({r[0] for r in events}) == len(events)  # event_id unique across days
+    for dt in DAYS:
+        lines = _raw_lines(raw, "events", dt)
+        bad = {f["line"] for f in _manifest(raw, "events", dt)["faults"]} if dt != DAYS[0] else set()
+        want = sorted((json.loads(line)["event_id"], no) for no, line in enumerate(lines, 1) if no not in bad)
+        got = sorted((r[0], r[5]) for r in events if r[7] == dt)
+        assert got == want, dt
+    counts = lakes["results"][("ingest_events", DAYS[1])].counts
+    manifest = Counter(f["reason"] for f in _manifest(raw, "events", DAYS[1])["faults"])
+    assert {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("quarantined:")} == manifest
+    assert counts["events_written"] + counts["quarantined"] == counts["lines_read"]
+
+
+def test_unknown_item_is_quarantined_not_dropped(lakes):
+    snap = lakes["first"]
+    unknown = [r for r in snap["events_quarantine"] if r[1] == "unknown_item"]
+    assert len(unknown) == 2 * (len(DAYS) - 1)
+    event_ids = {r[0] for r in snap["events"]}
+    for r in unknown:
+        row = json.loads(r[0])
+        assert row["item_id"].startswith("unknown-") and row["event_id"] not in event_ids
+    catalog_ids = {r[0] for r in snap["catalog"]}
+    assert all(r[2] in catalog_ids for r in snap["events"])  # every kept event's item is known
+
+
+def test_rerun_of_a_day_gives_identical_tables(lakes):
+    first, rerun = lakes["first"], lakes["rerun"]
+    for t in TABLES:
+        assert rerun[t] == first[t], t
+    again = lakes["rerun_results"]
+    assert again[("update_catalog", DAYS[1])].counts["new_items"] == 0
+    assert again[("build_sequences", DAYS[1])].counts["users_updated"] == 0
+    assert again[("ingest_events", DAYS[1])].counts["later_days"] == 1
+
+
+def test_backfill_order_on_a_fresh_lake_gives_identical_tables(lakes):
+    for t in TABLES:
+        assert lakes["backfill"][t] == lakes["first"][t], t
+
+
+def test_examples_and_history_match_the_plain_python_reference(lakes):
+    from jobs.build_sequences import reference_sequences
+
+    cfg, snap = lakes["cfg"], lakes["first"]
+    h = cfg.data.history_len
+    cols = ["event_id", "user_id", "item_id", "ts", "event_type", "seq", "source_file", "dt"]
+    events = sorted((dict(zip(cols, r)) for r in snap["events"]),
+                    key=lambda e: (e["dt"], e["ts"], e["source_file"], e["seq"]))
+    prior: dict[str, list[str]] = {}
+    want_examples, state = [], {}
+    for dt in DAYS:
+        day = [e for e in events if e["dt"] == dt]
+        ex, st = reference_sequences(prior, day, h, dt)
+        want_examples += ex
+        for e in day:
+            prior.setdefault(e["user_id"], []).append(e["item_id"])
+        state.update({u: (items, ts, dt) for u, (items, ts) in st.items()})
+    want = sorted((e["event_id"], e["user_id"], tuple(e["history"]), e["target_item_id"], e["ts"], e["dt"])
+                  for e in want_examples)
+    assert snap["examples"] == want
+    assert snap["user_history"] == sorted((u, tuple(i), ts, dt) for u, (i, ts, dt) in state.items())
+    assert any(len(r[2]) > 0 for r in snap["examples"] if r[5] == DAYS[1])  # bootstrap history is used
+
+
+def test_eval_snapshot_is_last_event_of_hashed_users(lakes):
+    from jobs.build_eval_snapshot import eval_user_selected
+
+    cfg, snap = lakes["cfg"], lakes["first"]
+    ev = {r[0]: r for r in snap["events"]}
+    for dt in DAYS:
+        rows = [r for r in snap["eval_snapshot"] if r[5] == dt]
+        assert rows, dt
+        users = {r[1] for r in rows}
+        assert len(users) == len(rows)
+        assert all(eval_user_selected(u, cfg.data.eval_user_fraction, cfg.data.eval_salt) for u in users)
+        # exactly: selected users whose last event of the day has a non-empty history
+        last_example: dict[str, tuple] = {}
+        for ex in snap["examples"]:
+            if ex[5] == dt and eval_user_selected(ex[1], cfg.data.eval_user_fraction, cfg.data.eval_salt):
+                e = ev[ex[0]]
+                if ex[1] not in last_example or (e[3], e[6], e[5]) > last_example[ex[1]][0]:
+                    last_example[ex[1]] = ((e[3], e[6], e[5]), ex)
+        assert sorted(rows) == sorted(ex for _, ex in last_example.values() if ex[2])
+        for r in rows:
+            same_user = [e for e in snap["events"] if e[1] == r[1] and e[7] == dt]
+            last = max(same_user, key=lambda e: (e[3], e[6], e[5]))
+            assert last[0] == r[0] and ev[r[0]][2] == r[3] and len(r[2]) > 0
+
+
+def test_job_entry_points(lakes, capsys):
+    """`spark-submit jobs/NAME.py --date D --config ...` and `onerec-prod job` reach the same run()."""
+    from jobs import build_eval_snapshot
+    from onerec_prod.cli import main as cli_main
+
+    cfg = lakes["cfg"]
+    sets = ["--set", f"paths.var_root={cfg.paths.var_root}", "--set", f"paths.raw_root={cfg.paths.raw_root}"]
+    assert build_eval_snapshot.main(["--date", DAYS[2], "--config", "configs/test.yaml", *sets]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    want = sum(1 for r in lakes["first"]["eval_snapshot"] if r[5] == DAYS[2])
+    assert out["job"] == "build_eval_snapshot" and out["counts"] == {"eval_events": want}
+    assert cli_main(["--config", "configs/test.yaml", *sets, "job", "all", "--date", "2014-3-1"]) == 2
+    assert "expected YYYY-MM-DD" in capsys.readouterr().out
