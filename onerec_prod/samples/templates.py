@@ -78,3 +78,9 @@ TEACHER_PROMPT = (
     "A shopper bought these related items: {evidence}. In one or two sentences, explain what "
     "they are likely to want next, in terms of category and product type. Do not name a product."
 )
+
+# --- added by the samples builders (issue 6) ---
+# One evidence item inside a rationale or teacher prompt (short title, leaf category).
+RATIONALE_EVIDENCE_ITEM = '"{title}" ({category})'
+# Plain catalog text of the general_lm task (``{description}`` is "" or " " + text).
+GENERAL_LM_ITEM = "{title}. Category: {categories}.{description}"

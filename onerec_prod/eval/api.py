@@ -1,0 +1,232 @@
+"""``evaluate(cfg, model_dir, dt)``: the report the gate, the DAG and the CLI use.
+
+Reads (Delta, via :mod:`onerec_prod.lake`): ``eval_snapshot`` dt = D (users, histories and the
+held-out targets), the ``catalog`` (every item and SID), and ``events`` dt <= D minus every
+eval-snapshot event (the baselines' training data: the days the model was trained on, without the
+held-out events). Then :func:`evaluate_inputs` (no Spark) does the work:
+
+1. the trie of EVERY catalog SID of the model's sid_version (never only the test items);
+2. constrained beam search (``eval.beam_size``) per user, think mode optional;
+3. Recall/NDCG@K over all selected users (a user whose target has no SID still counts, as 0);
+4. caption BertScore on the fixed item sample plus the day's new items;
+5. MostPop and SASRec on the same users and targets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onerec_prod.config import Config
+from onerec_prod.eval.bertscore import stable_hash
+
+log = logging.getLogger(__name__)
+
+
+class EvalInputError(ValueError):
+    """The snapshot, the catalog and the model do not fit together (the message says how)."""
+
+
+@dataclass
+class EvalInputs:
+    """Everything an evaluation reads, as plain Python (so it can be built without Spark)."""
+
+    dt: str
+    snapshot: list[dict[str, Any]]          # event_id, user_id, history (item ids), target_item_id
+    catalog: list[dict[str, Any]]           # item_id, title, categories, sid, sid_version, first_seen_dt
+    train_sequences: list[list[str]]        # per user, oldest first, eval events excluded
+    data_versions: dict[str, int | None] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------
+# reading
+
+
+def read_eval_inputs(spark, cfg: Config, dt: str) -> EvalInputs:
+    """Collect the snapshot of ``dt``, the catalog and the baselines' training sequences."""
+    from pyspark.sql import functions as F
+
+    from onerec_prod.lake import read_table, table_path, table_version
+
+    paths = {n: table_path(cfg, n) for n in ("eval_snapshot", "catalog", "events")}
+    versions = {n: table_version(spark, p) for n, p in paths.items()}
+    missing = [n for n, v in versions.items() if v is None]
+    if missing:
+        raise EvalInputError(f"eval dt={dt}: Delta tables {missing} do not exist under {cfg.paths.lake} "
+                             "(run the day's jobs first: ingest_events, update_catalog, build_eval_snapshot)")
+    snap_all = read_table(spark, paths["eval_snapshot"], versions["eval_snapshot"])
+    snap = snap_all.where(F.col("dt") == dt).select("event_id", "user_id", "history", "target_item_id")
+    snapshot = [{"event_id": r["event_id"], "user_id": r["user_id"], "history": list(r["history"] or []),
+                 "target_item_id": r["target_item_id"]} for r in snap.collect()]
+    if not snapshot:
+        raise EvalInputError(f"eval_snapshot has no rows for dt={dt} (run job build_eval_snapshot --date {dt})")
+    cat = read_table(spark, paths["catalog"], versions["catalog"]).select(
+        "item_id", "title", "categories", "sid", "sid_version", "first_seen_dt")
+    catalog = [{"item_id": r["item_id"], "title": r["title"], "categories": r["categories"],
+                "sid": tuple(r["sid"]) if r["sid"] is not None else None, "sid_version": r["sid_version"],
+                "first_seen_dt": r["first_seen_dt"]} for r in cat.collect()]
+    held_out = snap_all.where(F.col("dt") <= dt).select("event_id")
+    ev = read_table(spark, paths["events"], versions["events"]).where(F.col("dt") <= dt)
+    train = ev.join(held_out, "event_id", "left_anti")
+    seqs = train.groupBy("user_id").agg(
+        F.sort_array(F.collect_list(F.struct("ts", "source_file", "seq", "item_id"))).alias("s"))
+    train_sequences = [[x["item_id"] for x in r["s"]] for r in seqs.orderBy("user_id").collect()]
+    log.info("eval inputs dt=%s: %d snapshot users, %d catalog items, %d training sequences, versions %s",
+             dt, len(snapshot), len(catalog), len(train_sequences), versions)
+    return EvalInputs(dt, snapshot, catalog, train_sequences, versions)
+
+
+# --------------------------------------------------------------------------------------
+# pure parts
+
+
+def select_users(snapshot: Sequence[Mapping[str, Any]], max_users: int | None, seed: int) -> list[Mapping[str, Any]]:
+    """All rows (sorted by event_id), or the ``max_users`` with the smallest stable user hash.
+
+    The sample depends only on user ids and ``seed``: the candidate and the champion are always
+    scored on the same users.
+    """
+    rows = sorted(snapshot, key=lambda r: r["event_id"])
+    if max_users is None or len(rows) <= max_users:
+        return rows
+    picked = sorted(rows, key=lambda r: (stable_hash(seed, str(r["user_id"])), r["event_id"]))[:max_users]
+    return sorted(picked, key=lambda r: r["event_id"])
+
+
+def catalog_sid_version(catalog: Sequence[Mapping[str, Any]], model_version: str | None) -> str | None:
+    """The one sid_version of the catalog's SIDs, checked against the model's."""
+    versions = sorted({r["sid_version"] for r in catalog if r.get("sid") is not None and r.get("sid_version")})
+    if len(versions) > 1:
+        raise EvalInputError(f"catalog mixes sid_versions {versions}: finish the SID refit before evaluating")
+    version = versions[0] if versions else None
+    if model_version is not None and version is not None and model_version != version:
+        raise EvalInputError(
+            f"model sid_version {model_version!r} != catalog sid_version {version!r}: evaluate a model "
+            "trained on the current codebook (or retrain after the refit)")
+    return version
+
+
+def build_catalog_trie(catalog: Sequence[Mapping[str, Any]], sizes: Sequence[int]):
+    """``(trie, item_ids)``: the trie of every catalog SID; ``item_ids[row]`` is the item of trie row ``row``."""
+    from onerec_prod.sid.trie import SidTrie
+
+    with_sid = [r for r in catalog if r.get("sid") is not None]
+    if not with_sid:
+        raise EvalInputError("the catalog has no item with a SID (run update_catalog with data.assign_sids)")
+    trie = SidTrie.from_sids([tuple(r["sid"]) for r in with_sid], sizes)
+    return trie, [r["item_id"] for r in with_sid]
+
+
+def _pick_device(device: str | None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, think: bool | None = None,
+                    device: str | None = None) -> dict[str, Any]:
+    """Score the model at ``model_dir`` on ``inputs`` and return the report (see :mod:`.report`)."""
+    from onerec_prod.eval.baselines import run_baselines
+    from onerec_prod.eval.beam import recommend
+    from onerec_prod.eval.bertscore import caption_bertscore, sample_caption_items
+    from onerec_prod.eval.metrics import compute_metrics
+    from onerec_prod.model.io import load_model, load_tokenizer, read_meta
+    from onerec_prod.sid.tokens import SidVocab, level_sizes
+
+    ecfg = cfg.eval
+    think = ecfg.think if think is None else think
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    meta = read_meta(model_dir)
+    sid_version = catalog_sid_version(inputs.catalog, meta.get("sid_version"))
+    sizes = level_sizes(cfg.sid)
+    trie, row_items = build_catalog_trie(inputs.catalog, sizes)
+    by_id = {r["item_id"]: r for r in inputs.catalog}
+    users = select_users(inputs.snapshot, ecfg.max_users, ecfg.seed)
+    histories, dropped = [], 0
+    for u in users:
+        h = [by_id[i] for i in u["history"] if i in by_id and by_id[i].get("sid") is not None]
+        dropped += len(u["history"]) - len(h)
+        histories.append(h)
+    targets = [u["target_item_id"] for u in users]
+    no_sid = sum(1 for t in targets if t not in by_id or by_id[t].get("sid") is None)
+    if dropped or no_sid:
+        log.warning("eval: %d history items without a SID dropped from prompts; %d targets have no SID "
+                    "(they count as misses)", dropped, no_sid)
+
+    dev = _pick_device(device)
+    tok, model = load_tokenizer(model_dir), load_model(model_dir, device=dev)
+    vocab = SidVocab.from_tokenizer(tok, sizes)
+    timing["load_s"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    recs = recommend(model, tok, trie, vocab, histories, ecfg, think=think, max_items=cfg.samples.max_history)
+    ranked = [[row_items[trie.row_of(sid)] for sid, _ in per_user] for per_user in recs.sids]
+    timing["recommend_s"] = time.perf_counter() - t1
+    timing["users_per_s"] = len(users) / max(timing["recommend_s"], 1e-9)
+    metrics: dict[str, Any] = compute_metrics(ranked, targets, ecfg.ks)
+
+    t2 = time.perf_counter()
+    bert: dict[str, Any] = {"bertscore_f1": None}
+    if ecfg.bertscore_items > 0:
+        new_ids = [r["item_id"] for r in inputs.catalog if r.get("first_seen_dt") == inputs.dt]
+        sample = sample_caption_items(inputs.catalog, ecfg.bertscore_items, ecfg.seed, new_ids)
+        bert = caption_bertscore(model, tok, sample, new_item_ids=new_ids, max_new_tokens=ecfg.caption_max_tokens,
+                                 model_dir=ecfg.bertscore_model_dir, batch_size=ecfg.batch_size)
+    metrics["bertscore_f1"] = bert["bertscore_f1"]
+    timing["bertscore_s"] = time.perf_counter() - t2
+    del model
+
+    t3 = time.perf_counter()
+    baselines = run_baselines(
+        ecfg.baselines, inputs.train_sequences, [u["history"] for u in users], targets, ecfg.ks,
+        sasrec_params={"epochs": ecfg.sasrec_epochs, "dim": ecfg.sasrec_dim, "max_len": ecfg.sasrec_max_len,
+                       "device": dev},
+        seed=ecfg.seed,
+    ) if ecfg.baselines else {}
+    timing["baselines_s"] = time.perf_counter() - t3
+    timing["total_s"] = time.perf_counter() - t0
+
+    report = {
+        "dt": inputs.dt,
+        "model_dir": str(model_dir),
+        "model_weights_sha256": meta.get("weights_sha256"),
+        "sid_version": sid_version,
+        "n_users": len(users),
+        "think": think,
+        "metrics": metrics,
+        "baselines": baselines,
+        "bertscore": bert,
+        "counts": {"snapshot_users": len(inputs.snapshot), "catalog_items": len(inputs.catalog),
+                   "trie_items": trie.num_items, "targets_without_sid": no_sid,
+                   "history_items_without_sid": dropped, "train_sequences": len(inputs.train_sequences)},
+        "data_versions": dict(inputs.data_versions),
+        "config": ecfg.model_dump(mode="json"),
+        "timing": {k: round(v, 3) for k, v in timing.items()},
+        "examples": [
+            {"user_id": u["user_id"], "target": t, "top5": r[:5],
+             **({"rationale": recs.rationales[i]} if recs.rationales else {})}
+            for i, (u, t, r) in enumerate(zip(users[:3], targets[:3], ranked[:3], strict=False))
+        ],
+    }
+    log.info("eval dt=%s users=%d %s baselines=%s (%.1fs)", inputs.dt, len(users),
+             {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
+             {n: round(b.get("recall@10", 0.0), 4) for n, b in baselines.items()}, timing["total_s"])
+    return report
+
+
+def evaluate(cfg: Config, model_dir: str | Path, dt: str, *, spark=None, think: bool | None = None,
+             device: str | None = None) -> dict[str, Any]:
+    """The eval report of the model at ``model_dir`` on the eval snapshot of day ``dt``."""
+    if spark is None:
+        from onerec_prod.spark import get_spark
+
+        spark = get_spark(cfg.spark)
+    inputs = read_eval_inputs(spark, cfg, dt)
+    return evaluate_inputs(cfg, model_dir, inputs, think=think, device=device)

@@ -1,0 +1,360 @@
+"""Training samples of every OneRec-Think stage, as pure functions over plain inputs.
+
+Inputs:
+- ``items``: mapping ``item_id -> {item_id, title, categories, description, sid}`` (``sid`` a
+  tuple of ints, every item of one ``sid_version``);
+- ``examples``: day D's rows of the ``examples`` table, dicts ``{event_id, user_id, history,
+  target_item_id, ts, dt}`` where ``history`` holds the item ids of the user's events strictly
+  before the target event, oldest first (built upstream by ``build_sequences``).
+
+Every builder returns rows of the ``samples`` table (``schemas/samples.yaml``) as dicts.
+
+Leak rule. A prompt only ever shows ``history`` items: the target *event* never appears in its
+own prompt. Repeat purchases are kept: if the user bought the target item before, that earlier
+event is legitimately in the history (re-buying is real behaviour the model should learn, and
+dropping them would bias the training set against it). Their number is reported
+(``repeat_targets``). Examples with an empty history are skipped (nothing to condition on).
+
+Tasks (``TASKS``):
+- ``persona``: interleaved user persona grounding, one per user and day from the user's last
+  example; the answer (top leaf categories) is computed only from the history shown.
+- ``seqrec`` / ``sid_rec``: history SIDs -> target SID (alignment phrasing / recommendation).
+- ``caption`` / ``text2sid``: SID -> item text and text -> SID over a seeded daily item sample
+  that always contains the day's new items.
+- ``general_lm``: plain catalog text (loss on all of it).
+- ``reasoning``: history with text -> rationale in think tags, then target SID.
+- ``rl_prompt``: the reasoning prompt; the response is the reference SID (``target_sid`` codes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from onerec_prod.samples.prompts import (
+    leaf_category,
+    messages_to_json,
+    render_history,
+    task_messages,
+    task_response,
+)
+from onerec_prod.samples.rationale import CategoryRationale, RationaleRequest, RationaleSource
+from onerec_prod.samples.templates import GENERAL_LM_ITEM
+from onerec_prod.sid.tokens import sid_to_text
+
+log = logging.getLogger(__name__)
+
+TASKS = (
+    "persona", "seqrec", "caption", "text2sid", "general_lm", "sid_rec", "reasoning", "rl_prompt",
+)
+ALIGNMENT_TASKS = ("persona", "seqrec", "caption", "text2sid", "general_lm")
+PERSONA_TOP_CATEGORIES = 3
+CAPTION_DESCRIPTION_CHARS = 400
+MIN_HISTORY = 1
+
+Item = dict[str, Any]
+Sample = dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------
+# keys and ranks
+
+
+def sample_id(task: str, *keys: object) -> str:
+    """Stable id of a sample: hash of the task and its source keys.
+
+    >>> sample_id("sid_rec", "e1") == sample_id("sid_rec", "e1") != sample_id("seqrec", "e1")
+    True
+    """
+    blob = "\x1f".join([task, *(str(k) for k in keys)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def rank_key(seed: int, dt: str, purpose: str, key: str) -> str:
+    """Seeded, per-day sort key; Spark computes the same with ``sha2(concat_ws('|', ...), 256)``."""
+    return hashlib.sha256(f"{seed}|{dt}|{purpose}|{key}".encode()).hexdigest()
+
+
+def _row(
+    task: str, sid: str, messages: list[dict[str, str]], response: str, *, sid_version: str,
+    dt: str, user_id: str | None = None, target: Item | None = None, event_id: str | None = None,
+) -> Sample:
+    return {
+        "sample_id": sid,
+        "task": task,
+        "messages": messages_to_json(messages),
+        "response": response,
+        "user_id": user_id,
+        "target_item_id": target["item_id"] if target else None,
+        "target_sid": [int(c) for c in target["sid"]] if target else None,
+        "source_event_id": event_id,
+        "sid_version": sid_version,
+        "dt": dt,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# per-example tasks
+
+
+def resolve_example(
+    example: Mapping[str, Any], items: Mapping[str, Item], max_history: int
+) -> tuple[list[Item], Item]:
+    """History items (the last ``max_history``, oldest first) and the target item.
+
+    Raises:
+        KeyError: an item of the example is not in ``items`` (names the event and the item).
+    """
+    def get(item_id: str) -> Item:
+        try:
+            return items[item_id]
+        except KeyError:
+            raise KeyError(
+                f"event {example['event_id']}: item {item_id!r} not in the catalog (with a SID)"
+            ) from None
+
+    ids = list(example["history"] or [])
+    tail = ids[-max_history:] if max_history > 0 else []
+    return [get(i) for i in tail], get(example["target_item_id"])
+
+
+def _usable(examples: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Examples with enough history, in a stable order (ts, event_id)."""
+    out = [e for e in examples if len(e["history"] or []) >= MIN_HISTORY]
+    return sorted(out, key=lambda e: (e["ts"], e["event_id"]))
+
+
+def build_sid_rec_samples(
+    examples: Iterable[Mapping[str, Any]], items: Mapping[str, Item], *, dt: str, sid_version: str,
+    max_history: int, task: str = "sid_rec",
+) -> list[Sample]:
+    """History SIDs -> target SID (``task`` is ``sid_rec`` or the alignment ``seqrec``)."""
+    if task not in ("sid_rec", "seqrec"):
+        raise ValueError(f"task must be sid_rec or seqrec, got {task!r}")
+    out = []
+    for ex in _usable(examples):
+        hist, target = resolve_example(ex, items, max_history)
+        msgs = task_messages(task, history=render_history(hist, False, max_history))
+        resp = task_response(task, sid=sid_to_text(target["sid"]))
+        out.append(_row(task, sample_id(task, ex["event_id"]), msgs, resp, sid_version=sid_version,
+                        dt=dt, user_id=ex["user_id"], target=target, event_id=ex["event_id"]))
+    return out
+
+
+def build_seqrec_samples(
+    examples: Iterable[Mapping[str, Any]], items: Mapping[str, Item], *, dt: str, sid_version: str,
+    max_history: int,
+) -> list[Sample]:
+    """Sequential preference modelling (itemic alignment): history SIDs -> next SID."""
+    return build_sid_rec_samples(examples, items, dt=dt, sid_version=sid_version,
+                                 max_history=max_history, task="seqrec")
+
+
+def build_reasoning_samples(
+    examples: Iterable[Mapping[str, Any]], items: Mapping[str, Item], *, dt: str, sid_version: str,
+    max_history: int, rationale_source: RationaleSource | None = None,
+) -> list[Sample]:
+    """RA samples: history with text -> ``<think>rationale</think>`` then the target SID.
+
+    The rationale source sees the same history as the prompt (pruned inside the source); all
+    requests go to it in one call so a teacher model can batch.
+    """
+    source = rationale_source or CategoryRationale()
+    usable = _usable(examples)
+    resolved = [resolve_example(ex, items, max_history) for ex in usable]
+    rationales = source.rationales([RationaleRequest(tuple(h), t) for h, t in resolved])
+    out = []
+    for ex, (hist, target), rationale in zip(usable, resolved, rationales):
+        msgs = task_messages("reasoning", history=render_history(hist, True, max_history))
+        resp = task_response("reasoning", rationale=rationale, sid=sid_to_text(target["sid"]))
+        out.append(_row("reasoning", sample_id("reasoning", ex["event_id"]), msgs, resp,
+                        sid_version=sid_version, dt=dt, user_id=ex["user_id"], target=target,
+                        event_id=ex["event_id"]))
+    return out
+
+
+def build_rl_prompt_samples(
+    examples: Iterable[Mapping[str, Any]], items: Mapping[str, Item], *, dt: str, sid_version: str,
+    max_history: int,
+) -> list[Sample]:
+    """RL prompts: the reasoning prompt; response = reference SID text, ``target_sid`` = codes."""
+    out = []
+    for ex in _usable(examples):
+        hist, target = resolve_example(ex, items, max_history)
+        msgs = task_messages("rl_prompt", history=render_history(hist, True, max_history))
+        resp = task_response("rl_prompt", sid=sid_to_text(target["sid"]))
+        out.append(_row("rl_prompt", sample_id("rl_prompt", ex["event_id"]), msgs, resp,
+                        sid_version=sid_version, dt=dt, user_id=ex["user_id"], target=target,
+                        event_id=ex["event_id"]))
+    return out
+
+
+def persona_interests(history: Sequence[Item], top: int = PERSONA_TOP_CATEGORIES) -> str:
+    """Top leaf categories of ``history``: most frequent first, ties by most recent.
+
+    >>> persona_interests([{"categories": "A > X"}, {"categories": "A > Y"}, {"categories": "A > X"}])
+    'X and Y'
+    """
+    leaves = [leaf_category(it.get("categories")) for it in history]
+    counts = Counter(leaves)
+    last_pos = {leaf: pos for pos, leaf in enumerate(leaves)}
+    ranked = sorted(counts, key=lambda c: (-counts[c], -last_pos[c]))[:top]
+    if len(ranked) <= 1:
+        return "".join(ranked)
+    return ", ".join(ranked[:-1]) + " and " + ranked[-1]
+
+
+def build_persona_samples(
+    examples: Iterable[Mapping[str, Any]], items: Mapping[str, Item], *, dt: str, sid_version: str,
+    max_history: int,
+) -> list[Sample]:
+    """Interleaved persona grounding: one per user and day, from the user's last example.
+
+    The prompt interleaves SIDs and text of the history before that event; the answer is
+    derived from exactly those items, so nothing after the event (and not the event) is used.
+    """
+    last: dict[str, Mapping[str, Any]] = {}
+    for ex in _usable(examples):  # sorted by (ts, event_id): the last one wins
+        last[ex["user_id"]] = ex
+    out = []
+    for user_id in sorted(last):
+        ex = last[user_id]
+        hist, _ = resolve_example(ex, items, max_history)
+        msgs = task_messages("persona", history=render_history(hist, True, max_history))
+        resp = task_response("persona", interests=persona_interests(hist))
+        out.append(_row("persona", sample_id("persona", user_id, dt), msgs, resp,
+                        sid_version=sid_version, dt=dt, user_id=user_id, event_id=ex["event_id"]))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# item tasks
+
+
+def select_items(
+    items: Mapping[str, Item], *, dt: str, n: int, seed: int, purpose: str,
+    always: Iterable[str] = (),
+) -> list[Item]:
+    """The ``always`` items (all of them, even beyond ``n``), then a seeded per-day sample
+    of the others up to ``n`` in total, ordered by :func:`rank_key`."""
+    must = sorted({i for i in always if i in items})
+    must_set = set(must)
+    rest = sorted((rank_key(seed, dt, purpose, i), i) for i in items if i not in must_set)
+    picked = must + [i for _, i in rest[: max(n - len(must), 0)]]
+    return [items[i] for i in picked]
+
+
+def _title(item: Item) -> str:
+    return " ".join((item.get("title") or "").replace('"', "'").split())
+
+
+def _categories(item: Item) -> str:
+    return item.get("categories") or "Uncategorized"
+
+
+def _description(item: Item) -> str:
+    desc = " ".join((item.get("description") or "").split())
+    return " " + desc[:CAPTION_DESCRIPTION_CHARS] if desc else ""
+
+
+def build_caption_samples(selected: Sequence[Item], *, dt: str, sid_version: str) -> list[Sample]:
+    """Itemic dense captioning: SID -> title, categories and description."""
+    out = []
+    for it in selected:
+        msgs = task_messages("caption", sid=sid_to_text(it["sid"]))
+        resp = task_response("caption", title=_title(it), categories=_categories(it),
+                             description=_description(it))
+        out.append(_row("caption", sample_id("caption", it["item_id"], dt), msgs, resp,
+                        sid_version=sid_version, dt=dt, target=it))
+    return out
+
+
+def build_text2sid_samples(selected: Sequence[Item], *, dt: str, sid_version: str) -> list[Sample]:
+    """Text -> SID over the same items as captioning (both directions of the grounding)."""
+    out = []
+    for it in selected:
+        msgs = task_messages("text2sid", title=_title(it), categories=_categories(it))
+        resp = task_response("text2sid", sid=sid_to_text(it["sid"]))
+        out.append(_row("text2sid", sample_id("text2sid", it["item_id"], dt), msgs, resp,
+                        sid_version=sid_version, dt=dt, target=it))
+    return out
+
+
+def build_general_lm_samples(selected: Sequence[Item], *, dt: str, sid_version: str) -> list[Sample]:
+    """Plain catalog text (no prompt; the loss covers all of it)."""
+    out = []
+    for it in selected:
+        text = GENERAL_LM_ITEM.format(title=_title(it), categories=_categories(it),
+                                      description=_description(it))
+        out.append(_row("general_lm", sample_id("general_lm", it["item_id"], dt), [],
+                        task_response("general_lm", text=text), sid_version=sid_version, dt=dt))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# one day
+
+EXAMPLE_TASKS = ("seqrec", "sid_rec", "reasoning", "rl_prompt")
+ITEM_TASKS = ("caption", "text2sid", "general_lm")
+
+
+def build_example_samples(
+    examples: Sequence[Mapping[str, Any]], items: Mapping[str, Item], *, dt: str, sid_version: str,
+    max_history: int, rationale_source: RationaleSource | None = None,
+) -> list[Sample]:
+    """The per-example tasks (``EXAMPLE_TASKS``); any split of the examples gives the same rows."""
+    hk = {"dt": dt, "sid_version": sid_version, "max_history": max_history}
+    return (build_seqrec_samples(examples, items, **hk)
+            + build_sid_rec_samples(examples, items, **hk)
+            + build_reasoning_samples(examples, items, rationale_source=rationale_source, **hk)
+            + build_rl_prompt_samples(examples, items, **hk))
+
+
+def build_item_samples(
+    caption_items: Sequence[Item], general_items: Sequence[Item], *, dt: str, sid_version: str
+) -> list[Sample]:
+    """The item tasks (``ITEM_TASKS``) over the day's selected items."""
+    kw = {"dt": dt, "sid_version": sid_version}
+    return (build_caption_samples(caption_items, **kw) + build_text2sid_samples(caption_items, **kw)
+            + build_general_lm_samples(general_items, **kw))
+
+
+def example_stats(examples: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Counts worth reporting: examples, those skipped for short history, repeat purchases."""
+    short = sum(1 for e in examples if len(e["history"] or []) < MIN_HISTORY)
+    repeats = sum(1 for e in examples if e["target_item_id"] in (e["history"] or []))
+    return {"examples": len(examples), "skipped_short_history": short, "repeat_targets": repeats}
+
+
+def build_day_samples(
+    examples: Sequence[Mapping[str, Any]], items: Mapping[str, Item], *, dt: str,
+    sid_version: str, samples_cfg, caption_items: Sequence[Item] | None = None,
+    general_items: Sequence[Item] | None = None, new_item_ids: Iterable[str] = (),
+    rationale_source: RationaleSource | None = None,
+) -> list[Sample]:
+    """All tasks of day ``dt``.
+
+    ``caption_items`` / ``general_items`` are the pre-selected item samples (the Spark job
+    selects them at scale); when None they are selected here from ``items`` with
+    :func:`select_items` (``new_item_ids`` always captioned).
+    """
+    c = samples_cfg
+    if caption_items is None:
+        caption_items = select_items(items, dt=dt, n=c.caption_items_per_day, seed=c.seed,
+                                     purpose="caption", always=new_item_ids)
+    if general_items is None:
+        general_items = select_items(items, dt=dt, n=c.general_lm_per_day, seed=c.seed,
+                                     purpose="general_lm")
+    hk = {"dt": dt, "sid_version": sid_version, "max_history": c.max_history}
+    out: list[Sample] = build_persona_samples(examples, items, **hk)
+    out += build_example_samples(examples, items, rationale_source=rationale_source, **hk)
+    out += build_item_samples(caption_items, general_items, dt=dt, sid_version=sid_version)
+    ids = [s["sample_id"] for s in out]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i, n in Counter(ids).items() if n > 1)
+        raise ValueError(f"duplicate sample_id {dup} for dt={dt}: are event_ids unique?")
+    log.info("built %d samples for dt=%s: %s", len(out), dt, dict(Counter(s["task"] for s in out)))
+    return out
