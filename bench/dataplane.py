@@ -54,6 +54,7 @@ def plain_python(raw: Path, days: list[str], cfg, out_dir: Path) -> dict:
     prior: dict[str, list[str]] = defaultdict(list)
     counts = {"events": 0, "quarantined": 0, "examples": 0}
     t_cat = t_main = 0.0
+    per_day = []
     h = cfg.data.history_len
     for dt in days:
         t0 = time.perf_counter()
@@ -81,10 +82,11 @@ def plain_python(raw: Path, days: list[str], cfg, out_dir: Path) -> dict:
         t2 = time.perf_counter()
         t_cat += t1 - t0
         t_main += t2 - t1
+        per_day.append(t2 - t1)
         counts["events"] += len(good)
         counts["quarantined"] += len(bad)
         counts["examples"] += len(examples)
-    return {**counts, "catalog_s": t_cat, "main_s": t_main}
+    return {**counts, "catalog_s": t_cat, "main_s": t_main, "per_day": per_day}
 
 
 def spark_pipeline(spark, days: list[str], cfg) -> dict:
@@ -92,6 +94,7 @@ def spark_pipeline(spark, days: list[str], cfg) -> dict:
 
     counts = {"events": 0, "quarantined": 0, "examples": 0}
     t_cat = t_main = 0.0
+    per_day = []
     for dt in days:
         t0 = time.perf_counter()
         update_catalog.run(spark, dt, cfg, assign_sids=False)
@@ -101,11 +104,12 @@ def spark_pipeline(spark, days: list[str], cfg) -> dict:
         t2 = time.perf_counter()
         t_cat += t1 - t0
         t_main += t2 - t1
+        per_day.append(t2 - t1)
         counts["events"] += ing.counts["events_written"]
         counts["quarantined"] += ing.counts["quarantined"]
         counts["examples"] += seq.counts["examples_written"]
         logging.getLogger("bench").info("%s: %d events, %.1fs", dt, ing.counts["events_written"], t2 - t0)
-    return {**counts, "catalog_s": t_cat, "main_s": t_main}
+    return {**counts, "catalog_s": t_cat, "main_s": t_main, "per_day": per_day}
 
 
 def _vm_hwm_mb(pid: int) -> float:
@@ -162,6 +166,15 @@ def main() -> int:
     for name, r, eps in (("plain python", py, py_eps), ("spark+delta", sp, sp_eps)):
         print(f"{name:<14}{r['events']:>9}{r['examples']:>10}{r['main_s']:>14.1f}{eps:>11.0f}"
               f"{r['catalog_s']:>11.1f}")
+    if len(days) > 1:
+        import statistics
+
+        daily_events = n_events - summary["partitions"][0]["events"]
+        print(f"bootstrap partition ({summary['partitions'][0]['events']} events): spark "
+              f"{sp['per_day'][0]:.1f}s, python {py['per_day'][0]:.2f}s; daily partitions "
+              f"({daily_events / (len(days) - 1):.0f} events/day): spark median "
+              f"{statistics.median(sp['per_day'][1:]):.1f}s/day, python median "
+              f"{statistics.median(py['per_day'][1:]) * 1000:.0f} ms/day")
     print(f"same output counts: {same}; spark session start {t_start:.1f}s (not counted)")
     print(f"ratio spark/python events/s: {sp_eps / py_eps:.3f} (python is {py_eps / sp_eps:.1f}x faster "
           f"on {len(days)} partitions, {sp['main_s'] / len(days):.1f}s of Spark per day)")

@@ -14,7 +14,8 @@ Pipeline pieces: SIDs from :func:`onerec_prod.sid.service.ensure_sids` (``--sids
 + residual k-means, cached in the work dir) or the LETTER SIDs (``--sids letter``: the 13 items whose
 LETTER code is taken get the next free last-level code under the same prefix); the embedded base model of
 :func:`onerec_prod.model.base.init_base_model`; prompts from :mod:`onerec_prod.samples.prompts`
-(``sid_rec`` + ``text2sid`` + ``caption`` samples); decoding by
+(``sid_rec`` + ``text2sid`` + ``caption`` samples, plus ``general_lm`` rows over each user's rendered
+training history, which teach every transition of a user in one short row); decoding by
 :func:`onerec_prod.eval.beam.recommend`. Training is a plain in-process AdamW loop (loss on the
 response tokens only, the LM head applied at those positions only), not the DeepSpeed trainer of
 ``onerec-prod train``: the bench must fit an hour on 2 CPU cores, without Spark or the lake.
@@ -25,6 +26,7 @@ The baselines train on the same ``seq[:-2]`` sequences and rank for the same tes
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -122,11 +124,16 @@ def service_sids(cfg: Config, items: dict[str, dict], work: Path) -> tuple[dict[
 # training samples and loop
 
 
-def build_rows(split: Split, items: dict, sids: dict, cfg: Config, seed: int) -> list[tuple[str, dict]]:
+def build_rows(split: Split, items: dict, sids: dict, cfg: Config, seed: int,
+               history_lm: bool = True) -> list[tuple[str, Any]]:
     """Shuffled sample specs: ('rec', (history, target)) for every sliding target, ('text2sid', item) for
-    every item, ('caption', item) for ``samples.caption_items_per_day`` items."""
+    every item, ('caption', item) for ``samples.caption_items_per_day`` items and, with ``history_lm``,
+    ('histlm', seq): the ``general_lm`` task over a user's rendered training history (loss on every
+    item: all of a user's transitions in one short row, ~13x fewer tokens than the sliding rows)."""
     rng = random.Random(seed)
     rows: list[tuple[str, Any]] = [("rec", s) for s in split.train_samples]
+    if history_lm:
+        rows += [("histlm", s) for s in split.train_sequences if len(s) >= 2]
     ids = sorted(items, key=int)
     rows += [("text2sid", i) for i in ids]
     rows += [("caption", i) for i in rng.sample(ids, min(len(ids), cfg.samples.caption_items_per_day))]
@@ -135,10 +142,19 @@ def build_rows(split: Split, items: dict, sids: dict, cfg: Config, seed: int) ->
 
 
 def render_row(tok, row, items: dict, sids: dict, cfg: Config) -> tuple[list[int], list[int]]:
-    from onerec_prod.samples.prompts import rec_messages, render_training_ids, task_messages, task_response
+    from onerec_prod.samples.prompts import (
+        rec_messages,
+        render_history,
+        render_training_ids,
+        task_messages,
+        task_response,
+    )
     from onerec_prod.sid.tokens import sid_to_text
 
     kind, spec = row
+    if kind == "histlm":
+        text = render_history([dict(items[i], sid=sids[i]) for i in spec], False, cfg.samples.max_history)
+        return render_training_ids(tok, [], task_response("general_lm", text=text), cfg.train.max_length)
     if kind == "rec":
         hist, target = spec
         h = [dict(items[i], sid=sids[i]) for i in hist]
@@ -157,7 +173,7 @@ def render_row(tok, row, items: dict, sids: dict, cfg: Config) -> tuple[list[int
 
 
 def _row_len(row) -> int:
-    return len(row[1][0]) if row[0] == "rec" else 0
+    return len(row[1][0]) if row[0] == "rec" else len(row[1]) if row[0] == "histlm" else 0
 
 
 def batches(rows: list, batch_size: int, seed: int):
@@ -303,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-train-minutes", type=float, default=None, help="Stop training after M minutes.")
     p.add_argument("--model", default=None, help="Evaluate this trained model dir (skip training).")
     p.add_argument("--json", default=None, help="Write the results here too.")
+    p.add_argument("--no-history-lm", action="store_true",
+                   help="Train without the general_lm rows over users' training histories.")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's). On a shared, oversubscribed box use 1: "
                    "OpenMP spin-waits make 2 threads several times slower than 1 there.")
@@ -346,10 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         from onerec_prod.model.base import init_base_model
         from onerec_prod.model.cli import catalog_texts_from_dataset
 
-        base = work / f"base-{cfg.digest()}"
+        key = json.dumps([cfg.model.model_dump(), cfg.sid.model_dump()], sort_keys=True)
+        base = work / f"base-{hashlib.sha256(key.encode()).hexdigest()[:12]}"  # model + SID sizes only
         if not any(base.glob("*.safetensors")):
             init_base_model(cfg, catalog_texts_from_dataset(cfg), base)
-        rows = build_rows(split, items, sids, cfg, cfg.samples.seed)
+        rows = build_rows(split, items, sids, cfg, cfg.samples.seed, history_lm=not args.no_history_lm)
         model_dir, results["train"] = train(cfg, base, rows, items, sids, work / f"model-{args.sids}",
                                             args.max_train_minutes, sid_version)
     results["model_dir"] = str(model_dir)

@@ -4,7 +4,8 @@ One replay of a small real Beauty slice (bootstrap 2014-02-24..28, then 2014-03-
 with injected faults) is run through the four jobs twice:
 
 * lake A, daily order: each day's four jobs, day after day; then day 2014-03-01 is rerun;
-* lake B, fresh, backfill order: each job over all days, job after job.
+* lake B, fresh, backfill order: each job over all days, job after job (build_eval_snapshot,
+  a function of the compared examples and events, is left out to save time).
 
 The module fixture builds its configs with ``load_config`` like ``make_cfg`` does, because
 ``make_cfg`` is function-scoped and the lakes are shared by the tests of this module.
@@ -45,7 +46,9 @@ def table_rows(spark, cfg, name: str) -> list[tuple]:
 
 
 def snapshot(spark, cfg) -> dict[str, list[tuple]]:
-    return {t: table_rows(spark, cfg, t) for t in TABLES}
+    from onerec_prod.lake import table_exists, table_path
+
+    return {t: table_rows(spark, cfg, t) for t in TABLES if table_exists(spark, table_path(cfg, t))}
 
 
 def run_day(spark, cfg, dt, results):
@@ -78,7 +81,7 @@ def lakes(spark, beauty_slice, slice_plan, tmp_path_factory):
     rerun = snapshot(spark, cfg_a)
 
     cfg_b = _cfg(root / "b", raw, beauty_slice)
-    for name in JOBS:
+    for name in JOBS[:-1]:  # eval_snapshot is a function of examples + events, compared below
         for dt in DAYS:
             kw = {"assign_sids": False} if name == "update_catalog" else {}
             run_job(spark, name, dt, cfg_b, **kw)
@@ -147,7 +150,8 @@ def test_rerun_of_a_day_gives_identical_tables(lakes):
 
 def test_backfill_order_on_a_fresh_lake_gives_identical_tables(lakes):
     for t in TABLES:
-        assert lakes["backfill"][t] == lakes["first"][t], t
+        if t != "eval_snapshot":  # not built in lake B (it only reads examples and events)
+            assert lakes["backfill"][t] == lakes["first"][t], t
 
 
 def test_examples_and_history_match_the_plain_python_reference(lakes):
