@@ -41,6 +41,13 @@ def _airflow_bin() -> str:
     return str(cand) if cand.exists() else "airflow"
 
 
+# sqlite3's default 5 s busy timeout is too short when the scheduler, the API server and a CLI
+# call write the same file on a loaded 2-core machine ("database is locked"); Airflow imports
+# these by dotted path ([database] sql_alchemy_connect_args / _async).
+SQLITE_CONNECT_ARGS: dict = {"timeout": 60}
+SQLITE_CONNECT_ARGS_ASYNC: dict = {"timeout": 60}
+
+
 def airflow_env(cfg: Config, config_path: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment of every Airflow process (and so of every task)."""
     home = airflow_home(cfg)
@@ -60,6 +67,8 @@ def airflow_env(cfg: Config, config_path: str | None, extra: dict[str, str] | No
         "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "2",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": f"{__name__}.SQLITE_CONNECT_ARGS",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": f"{__name__}.SQLITE_CONNECT_ARGS_ASYNC",
         "AIRFLOW__API__PORT": str(port),
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__WORKERS": "1",
@@ -83,9 +92,16 @@ def airflow_env(cfg: Config, config_path: str | None, extra: dict[str, str] | No
     return env
 
 
-def _af(cfg: Config, env: dict[str, str], *args: str, check: bool = True, capture: bool = True):
+def _af(cfg: Config, env: dict[str, str], *args: str, check: bool = True, capture: bool = True,
+        retries: int = 3):
     cmd = [_airflow_bin(), *args]
-    res = subprocess.run(cmd, env=env, capture_output=capture, text=True)
+    for attempt in range(retries + 1):
+        res = subprocess.run(cmd, env=env, capture_output=capture, text=True)
+        # a CLI write that lost the sqlite lock rolled back whole: safe to run again
+        if res.returncode == 0 or "database is locked" not in (res.stderr or "") or attempt == retries:
+            break
+        log.warning("`airflow %s`: sqlite database is locked; retry %d/%d", " ".join(args), attempt + 1, retries)
+        time.sleep(2 + 3 * attempt)
     if check and res.returncode != 0:
         raise RuntimeError(
             f"`airflow {' '.join(args)}` failed (rc={res.returncode}):\n{(res.stderr or '')[-3000:]}"
@@ -158,7 +174,7 @@ def _alive(pid: int) -> bool:
 def down(cfg: Config, grace_s: float = 20) -> None:
     """Stop the services that ``up`` started (their whole process groups)."""
     pids = _read_pids(cfg)
-    for svc, pid in pids.items():
+    for pid in pids.values():
         try:
             os.killpg(pid, signal.SIGTERM)
         except OSError:
@@ -189,11 +205,12 @@ def running(cfg: Config, config_path: str | None, extra_env: dict[str, str] | No
 def wait_for_dag(cfg: Config, env: dict[str, str], timeout_s: float = 180) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout_s:
+        # an import error is fatal: say so at once instead of waiting for the DAG to appear
+        errs = _af(cfg, env, "dags", "list-import-errors", "-o", "json", check=False).stdout or ""
+        if "onerec_daily.py" in errs:
+            raise RuntimeError(f"DAG import error (see {airflow_home(cfg)}/dag-processor.log): {errs[-2000:]}")
         res = _af(cfg, env, "dags", "list", "-o", "json", check=False)
         if res.returncode == 0 and DAG_ID in res.stdout:
-            errs = _af(cfg, env, "dags", "list-import-errors", "-o", "json", check=False).stdout
-            if DAG_ID in errs or "onerec_daily.py" in errs:
-                raise RuntimeError(f"DAG import error: {errs[-2000:]}")
             return
         time.sleep(3)
     raise RuntimeError(f"DAG {DAG_ID} not parsed after {timeout_s}s; see {airflow_home(cfg)}/dag-processor.log")

@@ -422,6 +422,19 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
+def _dates_as_iso(node: Any) -> Any:
+    """YAML reads an unquoted ``2014-01-01`` as a date; every date in the config is an ISO string."""
+    import datetime as _dt
+
+    if isinstance(node, dict):
+        return {k: _dates_as_iso(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_dates_as_iso(v) for v in node]
+    if isinstance(node, (_dt.date, _dt.datetime)):
+        return node.isoformat()
+    return node
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
     parts = dotted.split(".")
     if any(not p for p in parts):
@@ -505,7 +518,7 @@ def load_config(
         dotted, raw = item.split("=", 1)
         _set_dotted(tree, dotted.strip(), _parse_scalar(raw), item)
     try:
-        return Config.model_validate(tree)
+        return Config.model_validate(_dates_as_iso(tree))
     except ValidationError as e:
         raise ConfigError(f"{path}: " + _format_errors(e, Config)) from None
 

@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import os
-import threading
 import time
 from datetime import date, timedelta
 from pathlib import Path
@@ -65,13 +64,15 @@ def day_summary(cfg: Config, dt: str) -> dict[str, Any]:
         "new_items": _get(catalog, "counts", "new_items"),
         "train_path": _get(train, "path"),
         "train_loss": _get(train, "train_loss"),
-        "rl_reward": _get(rl, "reward_after", default=_get(rl, "mean_reward_after")),
+        "rl_hit_before": _get(rl, "before", "hit_rate"),
+        "rl_hit_after": _get(rl, "after", "hit_rate"),
+        "sft_r@10": _get(ev, "sft_metrics", "recall@10"),
         "recall@10": _get(ev, "metrics", "recall@10"),
         "ndcg@10": _get(ev, "metrics", "ndcg@10"),
         "bertscore": _get(ev, "metrics", "bertscore_f1"),
         "mostpop_r@10": _get(ev, "baselines", "mostpop", "recall@10"),
         "sasrec_r@10": _get(ev, "baselines", "sasrec", "recall@10"),
-        "gate": None if gate is None else ("pass" if gate.get("passed") else "FAIL"),
+        "gate": None if gate is None else ("pass" if gate.get("passed_effective", gate.get("passed")) else "FAIL"),
         "champion": _get(promo, "version") if _get(promo, "promoted") else None,
     }
 
@@ -125,35 +126,25 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def serve_one_request(cfg: Config, user_id: str | None) -> dict[str, Any]:
-    """Start the online service on the champion (loopback), send one request, stop it."""
+    """Start the online service on the champion (a free loopback port), send one request, stop it."""
     import httpx
-    import uvicorn
 
-    from onerec_prod.serving.service import create_app
+    from onerec_prod.serving.service import background_server, create_app
 
-    app = create_app(cfg)
-    port = cfg.serving.port
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    try:
-        base = f"http://127.0.0.1:{port}"
+    with background_server(create_app(cfg)) as base:
         t0 = time.time()
-        while True:
+        while True:  # /healthz answers 503 until the champion and its export are loaded
             try:
                 if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.time() - t0 > 300:
-                raise RuntimeError("service not ready after 300s")
+                raise RuntimeError(f"service at {base} not ready after 300s")
             time.sleep(1)
         body = {"user_id": user_id or "unknown-user", "k": min(5, cfg.serving.top_n)}
         resp = httpx.post(f"{base}/recommend", json=body, timeout=120)
-        return {"request": body, "status": resp.status_code, "response": resp.json()}
-    finally:
-        server.should_exit = True
-        th.join(timeout=30)
+        return {"request": body, "status": resp.status_code, "response": resp.json(), "url": base}
 
 
 def _a_recent_user(cfg: Config, dt: str) -> str | None:

@@ -160,6 +160,10 @@ def stage_evaluate(cfg: Config, dt: str, **_: Any) -> dict[str, Any]:
 
     cand = final_candidate(cfg, dt)
     report = evaluate(cfg, cand, dt)
+    sft = candidate_dir(cfg, dt, "sft")
+    if cand != sft and (sft / "config.json").exists():
+        # the RL refresh's effect on the same snapshot and users: SFT model vs RL-refreshed model
+        report["sft_metrics"] = evaluate(cfg, sft, dt, with_baselines=False)["metrics"]
     champ = champion(cfg)
     if champ is not None:
         champ_report = evaluate(cfg, Path(champ[1]), dt, with_baselines=False)

@@ -130,8 +130,12 @@ def _pick_device(device: str | None) -> str:
 
 
 def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, think: bool | None = None,
-                    device: str | None = None) -> dict[str, Any]:
-    """Score the model at ``model_dir`` on ``inputs`` and return the report (see :mod:`.report`)."""
+                    device: str | None = None, with_baselines: bool = True) -> dict[str, Any]:
+    """Score the model at ``model_dir`` on ``inputs`` and return the report (see :mod:`.report`).
+
+    ``with_baselines=False`` skips MostPop/SASRec (e.g. when re-scoring the champion on a snapshot
+    whose baselines the candidate's report already carries).
+    """
     from onerec_prod.eval.baselines import run_baselines
     from onerec_prod.eval.beam import recommend
     from onerec_prod.eval.bertscore import caption_bertscore, sample_caption_items
@@ -189,7 +193,7 @@ def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, t
         sasrec_params={"epochs": ecfg.sasrec_epochs, "dim": ecfg.sasrec_dim, "max_len": ecfg.sasrec_max_len,
                        "device": dev},
         seed=ecfg.seed,
-    ) if ecfg.baselines else {}
+    ) if (ecfg.baselines and with_baselines) else {}
     timing["baselines_s"] = time.perf_counter() - t3
     timing["total_s"] = time.perf_counter() - t0
 
@@ -222,11 +226,11 @@ def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, t
 
 
 def evaluate(cfg: Config, model_dir: str | Path, dt: str, *, spark=None, think: bool | None = None,
-             device: str | None = None) -> dict[str, Any]:
+             device: str | None = None, with_baselines: bool = True) -> dict[str, Any]:
     """The eval report of the model at ``model_dir`` on the eval snapshot of day ``dt``."""
     if spark is None:
         from onerec_prod.spark import get_spark
 
         spark = get_spark(cfg.spark)
     inputs = read_eval_inputs(spark, cfg, dt)
-    return evaluate_inputs(cfg, model_dir, inputs, think=think, device=device)
+    return evaluate_inputs(cfg, model_dir, inputs, think=think, device=device, with_baselines=with_baselines)

@@ -43,6 +43,16 @@ def test_env_then_cli_override_order():
     assert cfg.train.lr == 0.25 and cfg.sid.levels == 2
 
 
+def test_dates_from_yaml_env_and_cli_stay_iso_strings(tmp_path):
+    # YAML (and so an env/CLI override) reads an unquoted 2014-01-01 as a date object
+    f = tmp_path / "c.yaml"
+    f.write_text("airflow:\n  start_date: 2013-12-31\n")
+    cfg = load_config(f, overrides=["data.replay_start=2014-01-02"],
+                      environ={"ONEREC__AIRFLOW__END_DATE": "2014-01-03"})
+    assert (cfg.airflow.start_date, cfg.airflow.end_date, cfg.data.replay_start) == (
+        "2013-12-31", "2014-01-03", "2014-01-02")
+
+
 def test_relative_paths_resolve_under_var_root(tmp_path):
     cfg = load_config(overrides=[f"paths.var_root={tmp_path}"], environ={})
     assert cfg.paths.lake == str(tmp_path / "lake")
