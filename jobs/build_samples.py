@@ -403,7 +403,8 @@ def run(
 
 
 def export_training_mix(
-    spark, dt: str, cfg: Config, out_path: str | Path, *, tasks: Sequence[str] | None = None
+    spark, dt: str, cfg: Config, out_path: str | Path, *, tasks: Sequence[str] | None = None,
+    replay: bool = True,
 ) -> Path:
     """Write day ``dt``'s training mix as JSONL: the day's samples + a seeded replay sample.
 
@@ -418,6 +419,7 @@ def export_training_mix(
     Args:
         tasks: tasks to export; default every SFT task (all but ``rl_prompt``, whose response
             is a bare reference SID for the RL reward, not an SFT target).
+        replay: False = the day's rows only (e.g. the bootstrap alignment stages).
     """
     import hashlib
 
@@ -438,7 +440,7 @@ def export_training_mix(
         raise ValueError(f"{JOB}: samples of dt={dt} mix sid_versions {versions}; rebuild the day")
     start, end = lookback_window(dt, c.replay_lookback_days)
     window = df.where((F.col("dt") >= start) & (F.col("dt") < end) & (F.col("sid_version") == versions[0]))
-    n = replay_count(len(new), c.replay_fraction, window.count()) if c.replay_fraction > 0 else 0
+    n = replay_count(len(new), c.replay_fraction, window.count()) if (replay and c.replay_fraction > 0) else 0
     replay = ([r.asDict() for r in window.withColumn("_k", _rank_col(c.seed, dt, "replay", "sample_id"))
                .orderBy("_k").limit(n).drop("_k").collect()] if n else [])
     rows = [dict(r, replay=False) for r in new] + [dict(r, replay=True) for r in replay]

@@ -238,6 +238,14 @@ class GrpoCfg(_Group):
     iterations: int = Field(1, ge=1, description="Policy updates per rollout batch (mu); >1 makes the clip bite.")
     save_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     eval_prompts: int = Field(16, ge=0, description="Prompts scored greedily before/after the refresh.")
+    nproc: int = Field(
+        1, ge=1, description="Processes (CPU procs or GPUs); rank r rolls out and trains on prompts "
+        "r::nproc of each step (>1 launches torchrun workers)."
+    )
+    zero_stage: int = Field(
+        0, ge=0, le=2, description="0 = plain AdamW (in-process when nproc == 1); 1/2 = DeepSpeed ZeRO "
+        "(gloo on CPU, bf16 on GPU). No ZeRO-3: rollouts need whole weights on every rank."
+    )
 
 
 class EvalCfg(_Group):
@@ -338,7 +346,9 @@ class AirflowCfg(_Group):
         None, description="DAG end_date; set locally so unpausing creates no run for today."
     )
     api_port: int = Field(28080, ge=1, le=65535, description="Local Airflow API server port.")
-    poll_interval_s: float = Field(5.0, gt=0, description="Local backfill progress poll interval.")
+    poll_interval_s: float = Field(
+        20.0, gt=0, description="Local backfill progress poll interval (each poll is an airflow CLI call)."
+    )
 
 
 class ClusterCfg(_Group):
@@ -393,6 +403,11 @@ class Config(_Group):
         if self.eval.ks and max(self.eval.ks) > self.eval.beam_size:
             problems.append(
                 f"eval.ks: cutoff {max(self.eval.ks)} exceeds eval.beam_size={self.eval.beam_size}"
+            )
+        if self.grpo.prompts_per_step < self.grpo.nproc:
+            problems.append(
+                f"grpo.prompts_per_step: {self.grpo.prompts_per_step} is fewer than grpo.nproc="
+                f"{self.grpo.nproc} (every rank needs at least one prompt per step)"
             )
         if self.train.zero_stage and self.train.nproc * self.train.nnodes < 1:
             problems.append("train.nproc: DeepSpeed needs at least one process")

@@ -130,6 +130,19 @@ def save_model(model, tokenizer, model_dir: str | Path, meta: dict[str, Any], *,
 # training state (optimizer, scheduler, RNG) as safetensors: no pickle anywhere
 
 
+def keyed_checkpoint_dir(ckpt_dir: str | Path, run_key: str, *, force: bool = False) -> Path:
+    """``ckpt_dir`` ready for a run with inputs ``run_key``: checkpoints of the same key are kept
+    (so the run resumes from them), those of other inputs (or all, with ``force``) are deleted."""
+    ckpt_dir = Path(ckpt_dir)
+    key_file = ckpt_dir / "run_key"
+    if ckpt_dir.exists() and (force or not key_file.exists() or key_file.read_text() != run_key):
+        log.info("discarding checkpoints of other inputs in %s", ckpt_dir)
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(run_key)
+    return ckpt_dir
+
+
 def _encode(obj: Any, tensors: dict, path: str) -> Any:
     import numpy as np
     import torch

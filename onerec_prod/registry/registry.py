@@ -67,9 +67,15 @@ def _now() -> str:
 
 
 def weights_hash(model_dir: str | Path) -> str:
-    """sha256 over the weight files (``*.safetensors``; every file if none) of a model dir."""
+    """The model's weights hash: :func:`onerec_prod.model.io.weights_hash` (over the tensors of the
+    ``*.safetensors`` files, so it equals the ``weights_sha256`` the trainer wrote in the model's
+    meta); for a directory without safetensors, sha256 over every file's path and bytes."""
     root = Path(model_dir)
-    files = sorted(root.rglob("*.safetensors")) or sorted(p for p in root.rglob("*") if p.is_file())
+    if any(root.glob("*.safetensors")):
+        from onerec_prod.model.io import weights_hash as tensor_hash
+
+        return tensor_hash(root)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
     if not files:
         raise FileNotFoundError(f"model dir {root} holds no files")
     h = hashlib.sha256()

@@ -110,7 +110,7 @@ def train_stage(cfg: Config, dt: str, stage_name: str, out_dir: Path, work: Path
     ``fault`` (tests, chaos drills) is passed to the training processes, e.g.
     ``{"kill_at_step": 3}`` makes rank 0 SIGKILL itself after step 3.
     """
-    from onerec_prod.model.io import read_meta, weights_hash
+    from onerec_prod.model.io import keyed_checkpoint_dir, read_meta, weights_hash
     from onerec_prod.sid.tokens import level_sizes
     from onerec_prod.train.data import export_samples, read_manifest
     from onerec_prod.train.launcher import launch
@@ -138,13 +138,7 @@ def train_stage(cfg: Config, dt: str, stage_name: str, out_dir: Path, work: Path
     if not force and read_meta(out_dir).get("run_key") == key:
         log.info("stage %s for dt=%s already trained with the same inputs: %s", stage.name, dt, out_dir)
         return out_dir
-    ckpt_dir = work / "checkpoints"
-    key_file = ckpt_dir / "run_key"
-    if ckpt_dir.exists() and (force or not key_file.exists() or key_file.read_text() != key):
-        log.info("discarding checkpoints of other inputs in %s", ckpt_dir)
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(key)
+    ckpt_dir = keyed_checkpoint_dir(work / "checkpoints", key, force=force)
     meta = {
         "dt": dt,
         "stage": stage.name,

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -89,46 +88,19 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 def export_samples(cfg: Config, dt: str, tasks: Sequence[str], out_path: str | Path, *,
                    replay: bool, spark=None) -> dict[str, Any]:
-    """Write day ``dt``'s samples of ``tasks`` (+ a replay sample of earlier days) to JSONL.
+    """Write day ``dt``'s training mix of ``tasks`` to JSONL; return its manifest.
 
-    Replay: ``samples.replay_fraction`` x (day rows) rows from the ``samples.replay_lookback_days``
-    days before ``dt`` with the same sid_version, chosen by a seeded stable hash of sample_id
-    (the same inputs always give the same file). Reads one pinned Delta version, recorded in the
-    manifest as ``data_versions.samples``.
+    One implementation of the mix for the whole project:
+    :func:`jobs.build_samples.export_training_mix` (the day's rows + with ``replay`` a seeded
+    sample of the ``samples.replay_lookback_days`` days before, same sid_version, as
+    :func:`onerec_prod.samples.mix.select_replay`), from one pinned Delta version recorded in the
+    manifest as ``data_versions.samples``. The same inputs always give the same file.
     """
-    from pyspark.sql import functions as F
-
-    from onerec_prod.lake import read_table, table_path, table_version
+    from jobs.build_samples import export_training_mix
     from onerec_prod.spark import get_spark
 
-    spark = spark or get_spark(cfg.spark)
-    path = table_path(cfg, "samples")
-    version = table_version(spark, path)
-    if version is None:
-        raise FileNotFoundError(f"samples table not found at {path}: run the samples job for dt={dt}")
-    df = read_table(spark, path, version).filter(F.col("task").isin(list(tasks)))
-    cols = list(ROW_FIELDS)
-    day = df.filter(F.col("dt") == dt).select(*cols)
-    rows = [r.asDict() for r in day.collect()]
-    n_replay = 0
-    sid_versions = sorted({r["sid_version"] for r in rows})
-    if replay and rows and len(sid_versions) == 1 and cfg.samples.replay_fraction > 0:
-        lo = (date.fromisoformat(dt) - timedelta(days=cfg.samples.replay_lookback_days)).isoformat()
-        want = int(round(len(rows) * cfg.samples.replay_fraction))
-        key = F.sha2(F.concat(F.lit(f"{cfg.samples.seed}:"), F.col("sample_id")), 256)
-        old = (df.filter((F.col("dt") < dt) & (F.col("dt") >= lo)
-                         & (F.col("sid_version") == sid_versions[0]))
-               .select(*cols).withColumn("_k", key).orderBy("_k").limit(want).drop("_k"))
-        extra = [r.asDict() for r in old.collect()]
-        n_replay = len(extra)
-        rows.extend(extra)
-    manifest = write_rows_jsonl(rows, out_path, {
-        "dt": dt, "new_rows": len(rows) - n_replay, "replay_rows": n_replay,
-        "data_versions": {"samples": version},
-    })
-    log.info("exported %d samples for dt=%s (%d replayed) from samples v%s to %s",
-             manifest["rows"], dt, n_replay, version, out_path)
-    return manifest
+    export_training_mix(spark or get_spark(cfg.spark), dt, cfg, out_path, tasks=list(tasks), replay=replay)
+    return read_manifest(out_path)
 
 
 # --------------------------------------------------------------------------------------
@@ -157,16 +129,22 @@ def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer, max_length: int,
 
 
 class SftDataset:
-    """Map-style dataset of pre-tokenized rows (``torch.utils.data.Dataset`` protocol)."""
+    """Map-style dataset over sample rows, tokenized when a row is drawn (``Dataset`` protocol).
 
-    def __init__(self, items: list[dict[str, list[int]]]):
-        self.items = items
+    Rows of other ``tasks`` are dropped up front; rendering happens in ``__getitem__``, so a run
+    capped by ``max_steps`` tokenizes only the rows it trains on (not the whole day's export).
+    """
+
+    def __init__(self, rows: Sequence[dict[str, Any]], tokenizer, max_length: int,
+                 tasks: Sequence[str] | None = None):
+        self.rows = [r for r in rows if tasks is None or r["task"] in tasks]
+        self.tokenizer, self.max_length = tokenizer, max_length
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, list[int]]:
-        return self.items[i]
+        return tokenize_rows([self.rows[i]], self.tokenizer, self.max_length)[0]
 
 
 class PadCollator:

@@ -30,9 +30,17 @@ Checkpoints (``save_steps``) hold the model (safetensors) and the optimizer + cu
 (:func:`onerec_prod.model.io.save_tree`); a rerun with the same inputs resumes from the latest.
 Every step reseeds from ``(seed, step)``, so a resumed run repeats the same rollouts.
 
-Scale: this runs in one process (CPU or one GPU). The cluster path (DeepSpeed ZeRO / accelerate
-over several GPUs, vLLM rollouts) is NOT implemented yet; it would wrap the same
-``_policy_loss`` in ``deepspeed.initialize`` and shard prompts per rank.
+Scale: with ``grpo.nproc == 1`` and ``grpo.zero_stage == 0`` (the default) the loop runs in this
+process (CPU or one GPU, plain AdamW). Otherwise :func:`rl_day` writes a JSON spec and starts
+``grpo.nproc`` torchrun workers through :mod:`onerec_prod.train.launcher`, like the SFT step
+(:mod:`onerec_prod.train.grpo_worker`): gloo on CPU / nccl on GPU, the policy wrapped by
+``deepspeed.initialize`` (ZeRO-1/2 from the SFT template, bf16 on GPU), rank r taking prompts
+r::nproc of each step; both paths run the same :func:`grpo_step`, the step's metrics are
+all-reduced, rank 0 writes checkpoints (safetensors; per-rank optimizer shards) and the final
+model, and a rerun resumes from the latest checkpoint. The parent evaluates before/after
+in-process as in the single-process case. Not implemented: vLLM (or any batched-server)
+rollouts -- generation is HF ``generate`` + our beam on each rank -- ZeRO-3 (rollouts need
+whole weights) and multi-node GRPO (``grpo.nproc`` is processes on one node).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 import shutil
 import time
@@ -56,6 +65,7 @@ THINK_END = "</think>"
 ADV_EPS = 1e-4
 CKPT_PREFIX = "step-"
 STATE_FILE = "grpo_state.safetensors"
+MAX_GRAD_NORM = 1.0
 
 
 @dataclass
@@ -268,10 +278,162 @@ def _latest_ckpt(ckpt_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]), default=None)
 
 
+def _load_weights(policy, ckpt: Path) -> None:
+    """Checkpoint weights (safetensors) into ``policy`` (tied ``lm_head`` may be absent)."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for f in sorted(ckpt.glob("model*.safetensors")):
+        weights.update(load_file(str(f)))
+    missing, _ = policy.load_state_dict(weights, strict=False)
+    if [k for k in missing if "lm_head" not in k]:
+        raise RuntimeError(f"checkpoint {ckpt} lacks weights {missing[:3]}")
+    policy.tie_weights()
+
+
+def _prune_ckpts(ckpt: Path, keep: Path) -> None:
+    for old_d in ckpt.glob(f"{CKPT_PREFIX}*"):
+        if old_d != keep:
+            shutil.rmtree(old_d, ignore_errors=True)
+
+
+def rollout_seed(gcfg: GrpoCfg, step: int, rank: int = 0) -> int:
+    """Seed of step ``step``'s rollouts on rank ``rank`` (rank 0 = the single-process seed)."""
+    return gcfg.seed * 100_003 + step + 1_000_003 * rank
+
+
+def rank_share(idx: Sequence[int], rank: int, world: int) -> list[int]:
+    """Rank ``rank``'s share of a step's prompt indices: ``idx[rank::world]`` (deterministic)."""
+    return list(idx[rank::world])
+
+
+def _chunks(n: int, micro_batch: int, count: int | None = None) -> list[list[int]]:
+    """Micro-batches of ``range(n)``: slices of ``micro_batch``, or ``count`` near-equal slices."""
+    if count is None:
+        return [list(range(lo, min(lo + micro_batch, n))) for lo in range(0, n, micro_batch)]
+    if not 1 <= count <= n:
+        raise ValueError(f"cannot split {n} rollouts into {count} micro-batches")
+    q, rem = divmod(n, count)
+    out, lo = [], 0
+    for k in range(count):
+        hi = lo + q + (k < rem)
+        out.append(list(range(lo, hi)))
+        lo = hi
+    return out
+
+
+class LocalUpdate:
+    """Single process: gradients accumulate over micro-batches, then clip + AdamW step."""
+
+    def __init__(self, policy, opt):
+        self.model, self.opt = policy, opt
+
+    def begin(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def backward(self, loss) -> None:
+        loss.backward()
+
+    def end(self) -> None:
+        import torch
+
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM)
+        self.opt.step()
+
+
+# local sums of one step; summed over ranks, then turned into the curve entry by step_metrics
+SUM_KEYS = ("n", "reward_sum", "reward_sq", "beam_sum", "hits", "kl_sum", "kl_n", "clip_sum", "clip_n",
+            "loss", "think_closed")
+
+
+def grpo_step(policy, ref, tok, batch: Sequence[RlPrompt], trie, vocab, gcfg: GrpoCfg,
+              rewards: Sequence[RewardSpec], update, *, seed: int, n_total: int | None = None,
+              world: int = 1, micro_batch: int = 16, n_chunks: int | None = None) -> dict[str, float]:
+    """One GRPO step on this process's ``batch``: rollouts, rewards, ``gcfg.iterations`` updates.
+
+    ``policy`` rolls out (and gives the old log-probs); ``update.model`` is what the loss is
+    computed through (the policy itself, or its DeepSpeed engine), ``update.begin/backward/end``
+    apply the gradients. The loss is ``sum(seq_loss) * world / n_total`` (``n_total``: rollouts of
+    the step over all ranks), so gradients averaged over ``world`` ranks equal the single-process
+    mean. Returns the step's local sums (:data:`SUM_KEYS`).
+    """
+    import torch
+
+    from onerec_prod.train.rewards import get_rollout_beam_reward
+
+    G, L = gcfg.group_size, vocab.num_levels
+    think_end = _stop_ids(tok)[0]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else _stop_ids(tok)[-1]
+    policy.eval()  # no dropout: rollout-time and update-time log-probs agree
+    ro = rollout(policy, tok, batch, trie, vocab, gcfg, group=G, seed=seed)
+    r = torch.tensor(score(rewards, ro), dtype=torch.float32)
+    beam_r = get_rollout_beam_reward(vocab)(ro.texts, beam_ids=ro.beams, target_sid=ro.targets)
+    adv = group_advantages(r, G)
+    n = len(ro.texts)
+    n_total = n_total or n
+    chunks = _chunks(n, micro_batch, n_chunks)
+    old, refs = [], []
+    with torch.no_grad():
+        for ix in chunks:
+            args = ([ro.prompt_ids[i] for i in ix], [ro.completion[i] for i in ix], pad)
+            old.append(token_logps(policy, *args) if gcfg.iterations > 1 else None)
+            refs.append(token_logps(ref, *args) if ref is not None and gcfg.kl_coef > 0 else None)
+    tot_loss, kls, clips = 0.0, [], []
+    for _ in range(gcfg.iterations):
+        update.begin()
+        for ci, ix in enumerate(chunks):
+            logp = token_logps(update.model, [ro.prompt_ids[i] for i in ix], [ro.completion[i] for i in ix], pad)
+            mask = _mask_tensor([ro.train_mask[i] for i in ix], logp.device)
+            o = old[ci] if old[ci] is not None else logp.detach()
+            seq_loss, st = policy_loss(logp, o, refs[ci], adv[ix].to(logp.device), mask,
+                                       gcfg.clip_eps, gcfg.kl_coef)
+            total = seq_loss.sum()
+            update.backward(total * (world / n_total))
+            tot_loss += float(total.detach()) / n_total / gcfg.iterations
+            kls.append(st["kl"])
+            clips.append(st["clip_frac"])
+        update.end()
+    return {
+        "n": float(n), "reward_sum": float(r.double().sum()), "reward_sq": float((r.double() ** 2).sum()),
+        "beam_sum": float(sum(beam_r)), "hits": float(sum(v == L for v in beam_r)),
+        "kl_sum": float(sum(kls)), "kl_n": float(len(kls)),
+        "clip_sum": float(sum(clips)), "clip_n": float(len(clips)), "loss": tot_loss,
+        "think_closed": float(sum(bool(t) and t[-1] == think_end for t in ro.think_ids)),
+    }
+
+
+def step_metrics(sums: dict[str, float], step: int, seconds: float) -> dict[str, float]:
+    """The curve entry of step ``step`` (0-based) from the step's sums over all ranks."""
+    n = sums["n"]
+    mean = sums["reward_sum"] / n
+    var = max(sums["reward_sq"] - n * mean * mean, 0.0) / (n - 1) if n > 1 else 0.0
+    return {
+        "step": step + 1,
+        "reward_mean": mean, "reward_std": math.sqrt(var),
+        "beam_reward_mean": sums["beam_sum"] / n,
+        "hit_rate": sums["hits"] / n,
+        "kl": sums["kl_sum"] / max(sums["kl_n"], 1.0), "clip_frac": sums["clip_sum"] / max(sums["clip_n"], 1.0),
+        "loss": sums["loss"],
+        "think_closed": sums["think_closed"] / n,
+        "seconds": seconds,
+    }
+
+
+def log_step(m: dict[str, float], steps: int) -> None:
+    log.info("GRPO step %d/%d reward %.3f±%.3f beam %.3f hit %.3f kl %.4f loss %.4f clip %.3f (%.1fs)",
+             m["step"], steps, m["reward_mean"], m["reward_std"], m["beam_reward_mean"],
+             m["hit_rate"], m["kl"], m["loss"], m["clip_frac"], m["seconds"])
+
+
+def ckpt_due(gcfg: GrpoCfg, step: int) -> bool:
+    """Checkpoint after step ``step`` (0-based)? Every ``save_steps``, never at the last step."""
+    return bool(gcfg.save_steps) and (step + 1) % gcfg.save_steps == 0 and step + 1 < gcfg.steps
+
+
 def train_grpo(policy, ref, tok, prompts: Sequence[RlPrompt], trie, vocab, gcfg: GrpoCfg,
                rewards: Sequence[RewardSpec], *, ckpt_dir: str | Path | None = None,
                meta: dict[str, Any] | None = None, micro_batch: int = 16) -> GrpoResult:
-    """Run ``gcfg.steps`` GRPO steps on ``policy`` (in place); ``ref`` frozen (None: no KL).
+    """Run ``gcfg.steps`` GRPO steps on ``policy`` (in place, this process); ``ref`` frozen (None: no KL).
 
     With ``ckpt_dir``, resumes from its latest ``step-N`` and checkpoints every
     ``gcfg.save_steps`` steps. Returns the policy and the per-step curve.
@@ -279,14 +441,9 @@ def train_grpo(policy, ref, tok, prompts: Sequence[RlPrompt], trie, vocab, gcfg:
     import torch
 
     from onerec_prod.model.io import load_tree, save_model, save_tree
-    from onerec_prod.train.rewards import get_rollout_beam_reward
 
     if not prompts:
         raise ValueError("train_grpo: no prompts")
-    G, L = gcfg.group_size, vocab.num_levels
-    beam_reward = get_rollout_beam_reward(vocab)
-    think_end = _stop_ids(tok)[0]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else _stop_ids(tok)[-1]
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=gcfg.lr,
                             weight_decay=0.0)
     curve: list[dict[str, float]] = []
@@ -294,73 +451,28 @@ def train_grpo(policy, ref, tok, prompts: Sequence[RlPrompt], trie, vocab, gcfg:
     ckpt = Path(ckpt_dir) if ckpt_dir else None
     last = _latest_ckpt(ckpt) if ckpt else None
     if last is not None:
-        from safetensors.torch import load_file
-
         state = load_tree(last / STATE_FILE)
-        weights = {}
-        for f in sorted(last.glob("model*.safetensors")):
-            weights.update(load_file(str(f)))
-        missing, _ = policy.load_state_dict(weights, strict=False)
-        if [k for k in missing if "lm_head" not in k]:
-            raise RuntimeError(f"checkpoint {last} lacks weights {missing[:3]}")
-        policy.tie_weights()
+        if "optimizer" not in state:
+            raise RuntimeError(f"checkpoint {last} was written by a multi-process run")
+        _load_weights(policy, last)
         opt.load_state_dict(state["optimizer"])
         curve, start = list(state["curve"]), int(state["step"])
         log.info("GRPO: resuming from %s (step %d)", last, start)
     if ref is not None:
         ref.eval().requires_grad_(False)
-
+    update = LocalUpdate(policy, opt)
     for step in range(start, gcfg.steps):
         t0 = time.perf_counter()
-        policy.eval()  # no dropout: rollout-time and update-time log-probs agree
         batch = [prompts[i] for i in step_prompts(len(prompts), gcfg.prompts_per_step, step, gcfg.seed)]
-        ro = rollout(policy, tok, batch, trie, vocab, gcfg, group=G, seed=gcfg.seed * 100_003 + step)
-        r = torch.tensor(score(rewards, ro), dtype=torch.float32)
-        beam_r = beam_reward(ro.texts, beam_ids=ro.beams, target_sid=ro.targets)
-        adv = group_advantages(r, G)
-        n = len(ro.texts)
-        chunks = [list(range(lo, min(lo + micro_batch, n))) for lo in range(0, n, micro_batch)]
-        old, refs = [], []
-        with torch.no_grad():
-            for ix in chunks:
-                args = ([ro.prompt_ids[i] for i in ix], [ro.completion[i] for i in ix], pad)
-                old.append(token_logps(policy, *args) if gcfg.iterations > 1 else None)
-                refs.append(token_logps(ref, *args) if ref is not None and gcfg.kl_coef > 0 else None)
-        tot_loss, kls, clips = 0.0, [], []
-        for _ in range(gcfg.iterations):
-            opt.zero_grad(set_to_none=True)
-            for ci, ix in enumerate(chunks):
-                logp = token_logps(policy, [ro.prompt_ids[i] for i in ix], [ro.completion[i] for i in ix], pad)
-                mask = _mask_tensor([ro.train_mask[i] for i in ix], logp.device)
-                o = old[ci] if old[ci] is not None else logp.detach()
-                seq_loss, st = policy_loss(logp, o, refs[ci], adv[ix].to(logp.device), mask,
-                                           gcfg.clip_eps, gcfg.kl_coef)
-                loss = seq_loss.sum() / n
-                loss.backward()
-                tot_loss += float(loss.detach()) / gcfg.iterations
-                kls.append(st["kl"])
-                clips.append(st["clip_frac"])
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-            opt.step()
-        m = {
-            "step": step + 1,
-            "reward_mean": float(r.mean()), "reward_std": float(r.std()) if n > 1 else 0.0,
-            "beam_reward_mean": sum(beam_r) / n,
-            "hit_rate": sum(v == L for v in beam_r) / n,
-            "kl": sum(kls) / len(kls), "clip_frac": sum(clips) / len(clips), "loss": tot_loss,
-            "think_closed": sum(bool(t) and t[-1] == think_end for t in ro.think_ids) / n,
-            "seconds": time.perf_counter() - t0,
-        }
+        sums = grpo_step(policy, ref, tok, batch, trie, vocab, gcfg, rewards, update,
+                         seed=rollout_seed(gcfg, step), micro_batch=micro_batch)
+        m = step_metrics(sums, step, time.perf_counter() - t0)
         curve.append(m)
-        log.info("GRPO step %d/%d reward %.3f±%.3f beam %.3f hit %.3f kl %.4f loss %.4f clip %.3f (%.1fs)",
-                 step + 1, gcfg.steps, m["reward_mean"], m["reward_std"], m["beam_reward_mean"],
-                 m["hit_rate"], m["kl"], m["loss"], m["clip_frac"], m["seconds"])
-        if ckpt is not None and gcfg.save_steps and (step + 1) % gcfg.save_steps == 0 and step + 1 < gcfg.steps:
+        log_step(m, gcfg.steps)
+        if ckpt is not None and ckpt_due(gcfg, step):
             d = save_model(policy, tok, ckpt / f"{CKPT_PREFIX}{step + 1}", {**(meta or {}), "grpo_step": step + 1})
             save_tree({"step": step + 1, "optimizer": opt.state_dict(), "curve": curve}, d / STATE_FILE)
-            for old_d in ckpt.glob(f"{CKPT_PREFIX}*"):
-                if old_d != d:
-                    shutil.rmtree(old_d, ignore_errors=True)
+            _prune_ckpts(ckpt, d)
     policy.eval()
     return GrpoResult(policy, curve, start)
 
@@ -467,18 +579,85 @@ def default_rewards(tok, vocab, gcfg: GrpoCfg) -> list[RewardSpec]:
     return out
 
 
+WORKER_MODULE = "onerec_prod.train.grpo_worker"
+RESULT_FILE = "result.json"
+
+
+def write_prompts(prompts: Sequence[RlPrompt], path: Path) -> Path:
+    """``prompts`` as JSONL (``sample_id, messages, target_sid``), the workers' input."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"sample_id": p.sample_id, "messages": p.messages,
+                                        "target_sid": list(p.target_sid)}) + "\n" for p in prompts))
+    return path
+
+
+def read_prompts(path: str | Path) -> list[RlPrompt]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [RlPrompt(r["sample_id"], r["messages"], tuple(int(c) for c in r["target_sid"])) for r in rows]
+
+
+def _train_workers(cfg: Config, init: Path, work: Path, ckpt: Path, prompts: Sequence[RlPrompt],
+                   sids: Sequence[Sequence[int]], sizes: list[int], meta: dict[str, Any],
+                   fault: dict[str, Any] | None) -> GrpoResult:
+    """Run the GRPO steps on ``grpo.nproc`` torchrun workers (:mod:`onerec_prod.train.grpo_worker`).
+
+    Rank 0 writes the trained model to ``work/final`` and the curve to ``work/result.json``;
+    returns them loaded like :func:`train_grpo`'s result.
+    """
+    import torch
+
+    from onerec_prod.model.io import load_model
+    from onerec_prod.train.launcher import launch
+
+    gcfg = cfg.grpo
+    final = work / "final"
+    sids_path = work / "catalog_sids.json"
+    sids_path.write_text(json.dumps([list(s) for s in sids]))
+    (work / RESULT_FILE).unlink(missing_ok=True)
+    spec = {
+        "config": cfg.model_dump(mode="json"),
+        "init_dir": str(init),
+        "out_dir": str(final),
+        "work_dir": str(work),
+        "ckpt_dir": str(ckpt),
+        "prompts_path": str(write_prompts(prompts, work / "prompts.jsonl")),
+        "sids_path": str(sids_path),
+        "sid_sizes": list(sizes),
+        "meta": meta,
+        "run_key": meta["run_key"],
+        "force_cpu": not torch.cuda.is_available(),
+        "fault": fault or {},
+    }
+    log.info("GRPO on %d processes (ZeRO-%d)", gcfg.nproc, gcfg.zero_stage)
+    launch(spec, work / "spec.json", nproc=gcfg.nproc, zero_stage=gcfg.zero_stage, entry_module=WORKER_MODULE)
+    res = json.loads((work / RESULT_FILE).read_text()) if (work / RESULT_FILE).exists() else {}
+    if res.get("run_key") != meta["run_key"]:
+        raise RuntimeError(f"GRPO workers finished but wrote no result for run {meta['run_key']} in {work}")
+    return GrpoResult(load_model(final), list(res["curve"]), int(res["resumed_from"]))
+
+
 def rl_day(cfg: Config, dt: str, init_from: str | Path | None = None, out_dir: str | Path | None = None,
            *, samples_path: str | Path | None = None, catalog_path: str | Path | None = None,
-           force: bool = False) -> dict[str, Any]:
+           force: bool = False, fault: dict[str, Any] | None = None) -> dict[str, Any]:
     """GRPO refresh of day ``dt``'s SFT candidate into ``candidates/dt=D/rl``.
 
     Returns ``{model_dir, steps, reward_curve, before, after, prompts, resumed_from}``
     (``before``/``after``: greedy Rollout-Beam reward and hit-rate on up to
     ``grpo.eval_prompts`` of the day's prompts). Re-running with the same inputs is a no-op.
+    ``grpo.nproc > 1`` or ``grpo.zero_stage > 0``: the steps run on torchrun workers (DeepSpeed);
+    ``fault`` (tests, chaos drills) goes to them, e.g. ``{"kill_at_step": 1}`` makes rank 0
+    SIGKILL itself after step 1 (and its checkpoint, if one is due).
     """
     import torch
 
-    from onerec_prod.model.io import load_model, load_tokenizer, read_meta, save_model, weights_hash
+    from onerec_prod.model.io import (
+        keyed_checkpoint_dir,
+        load_model,
+        load_tokenizer,
+        read_meta,
+        save_model,
+        weights_hash,
+    )
     from onerec_prod.sid.tokens import SidVocab, level_sizes
     from onerec_prod.sid.trie import SidTrie
     from onerec_prod.train.cli import candidates_dir
@@ -498,7 +677,8 @@ def rl_day(cfg: Config, dt: str, init_from: str | Path | None = None, out_dir: s
         raise ValueError(f"model {init} has sid_version {pmeta['sid_version']!r} but the rl prompts of "
                          f"dt={dt} use {sid_versions[0]!r}: train an SFT model on this codebook first")
     sizes = level_sizes(cfg.sid)
-    trie = SidTrie.from_sids(load_catalog_sids(cfg, sid_version, catalog_path), sizes)
+    sids = load_catalog_sids(cfg, sid_version, catalog_path)
+    trie = SidTrie.from_sids(sids, sizes)
     parent_sha = pmeta.get("weights_sha256") or weights_hash(init)
     key = _digest([parent_sha, [(p.sample_id, p.target_sid) for p in prompts], gcfg.model_dump(), sizes,
                    trie.num_items])
@@ -511,17 +691,10 @@ def rl_day(cfg: Config, dt: str, init_from: str | Path | None = None, out_dir: s
     tok = load_tokenizer(init)
     vocab = SidVocab.from_tokenizer(tok, sizes)
     policy = load_model(init)
-    ref = load_model(init) if gcfg.kl_coef > 0 else None
     eval_set = [prompts[i] for i in sorted(random.Random(gcfg.seed).sample(range(len(prompts)),
                                                                           min(gcfg.eval_prompts, len(prompts))))]
     before = evaluate_prompts(policy, tok, eval_set, trie, vocab, gcfg)
-    ckpt = work / "checkpoints"
-    key_file = ckpt / "run_key"
-    if ckpt.exists() and (force or not key_file.exists() or key_file.read_text() != key):
-        log.info("discarding GRPO checkpoints of other inputs in %s", ckpt)
-        shutil.rmtree(ckpt)
-    ckpt.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(key)
+    ckpt = keyed_checkpoint_dir(work / "checkpoints", key, force=force)
     meta = {
         "dt": dt, "stage": "rl", "sid_version": sid_version, "sid_sizes": sizes,
         "parent": {"dir": str(init), "weights_sha256": parent_sha, "stage": pmeta.get("stage"),
@@ -530,8 +703,13 @@ def rl_day(cfg: Config, dt: str, init_from: str | Path | None = None, out_dir: s
         "data_versions": {**(pmeta.get("data_versions") or {}), "rl": data_versions},
         "config_hash": cfg.digest(), "run_key": key,
     }
-    res = train_grpo(policy, ref, tok, prompts, trie, vocab, gcfg, default_rewards(tok, vocab, gcfg),
-                     ckpt_dir=ckpt, meta=meta)
+    if gcfg.nproc > 1 or gcfg.zero_stage > 0:
+        del policy
+        res = _train_workers(cfg, init, work, ckpt, prompts, sids, sizes, meta, fault)
+    else:
+        ref = load_model(init) if gcfg.kl_coef > 0 else None
+        res = train_grpo(policy, ref, tok, prompts, trie, vocab, gcfg, default_rewards(tok, vocab, gcfg),
+                         ckpt_dir=ckpt, meta=meta)
     after = evaluate_prompts(res.model, tok, eval_set, trie, vocab, gcfg)
     summary = {"steps": gcfg.steps, "prompts": len(prompts), "reward_curve": res.curve,
                "before": before, "after": after, "resumed_from": res.resumed_from,

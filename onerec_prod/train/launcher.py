@@ -5,7 +5,9 @@ Locally, :func:`launch` writes the JSON spec, starts ``torchrun --standalone --n
 the workers' output to the log and raises :class:`LaunchError` with the tail of the output when
 any rank fails. In the cluster, :func:`render_cluster_job` gives the Kubeflow ``PyTorchJob``
 (``kubeflow.org/v1``) that runs the same ``onerec_prod.train.sft`` entry point on
-``cluster.training_nodes`` x ``cluster.gpus_per_node`` GPUs.
+``cluster.training_nodes`` x ``cluster.gpus_per_node`` GPUs. The entry module is a parameter: the
+GRPO refresh runs ``onerec_prod.train.grpo_worker`` the same way. An entry module has
+``main()`` (``python -m MODULE SPEC.json``) and ``run_spec(spec)`` (the in-process case).
 
     python -m onerec_prod.train.launcher SPEC.json --nproc 2
 """
@@ -46,12 +48,13 @@ def write_spec(spec: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def launch_command(spec_path: str | Path, nproc: int, zero_stage: int) -> list[str] | None:
+def launch_command(spec_path: str | Path, nproc: int, zero_stage: int,
+                   entry_module: str = ENTRY_MODULE) -> list[str] | None:
     """Command line of the training job, or None when it runs in-process (1 proc, no ZeRO)."""
     if nproc == 1 and zero_stage == 0:
         return None
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", "-m", ENTRY_MODULE, str(spec_path)]
+            f"--nproc_per_node={nproc}", "-m", entry_module, str(spec_path)]
 
 
 def worker_env(force_cpu: bool) -> dict[str, str]:
@@ -104,15 +107,16 @@ def run_command(cmd: list[str], env: dict[str, str]) -> None:
         raise LaunchError(rc, list(tail))
 
 
-def launch(spec: dict[str, Any], spec_path: str | Path, *, nproc: int, zero_stage: int) -> None:
-    """Write ``spec`` and run the stage on ``nproc`` local processes (in-process if trivial)."""
+def launch(spec: dict[str, Any], spec_path: str | Path, *, nproc: int, zero_stage: int,
+           entry_module: str = ENTRY_MODULE) -> None:
+    """Write ``spec`` and run ``entry_module`` on ``nproc`` local processes (in-process if trivial)."""
     spec_path = write_spec(spec, spec_path)
-    cmd = launch_command(spec_path, nproc, zero_stage)
+    cmd = launch_command(spec_path, nproc, zero_stage, entry_module)
     if cmd is None:
-        from onerec_prod.train.sft import run_spec
+        import importlib
 
         log.info("running in-process (1 process, no DeepSpeed): %s", spec_path)
-        run_spec(spec)
+        importlib.import_module(entry_module).run_spec(spec)
         return
     run_command(cmd, worker_env(bool(spec.get("force_cpu"))))
 

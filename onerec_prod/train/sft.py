@@ -355,7 +355,7 @@ class SftRun:
         from onerec_prod.model.io import load_model, load_tokenizer, weights_hash
         from onerec_prod.model.vocab import sid_token_ids
         from onerec_prod.sid.tokens import level_sizes
-        from onerec_prod.train.data import PadCollator, SftDataset, read_jsonl, tokenize_rows
+        from onerec_prod.train.data import PadCollator, SftDataset, read_jsonl
 
         hf_logging.disable_progress_bar()
         t = self.tcfg
@@ -421,11 +421,10 @@ class SftRun:
         sizes = level_sizes(self.cfg.sid)
         new_ids = sid_token_ids(self.tokenizer, sizes)  # raises if the init dir lacks SID tokens
         mask = freeze_except_rows(model, new_ids) if self.stage.freeze_base else None
-        rows = read_jsonl(self.spec["samples_path"])
-        items = tokenize_rows(rows, self.tokenizer, t.max_length, self.stage.tasks)
-        if not items:
+        self.dataset = SftDataset(read_jsonl(self.spec["samples_path"]), self.tokenizer, t.max_length,
+                                  self.stage.tasks)
+        if not len(self.dataset):
             raise ValueError(f"no samples of tasks {self.stage.tasks} in {self.spec['samples_path']}")
-        self.dataset = SftDataset(items)
         self.collator = PadCollator(self.tokenizer.pad_token_id)
         cls = _make_trainer_cls()
         cls.no_decay_extra = no_decay_names(mask)
@@ -440,8 +439,8 @@ class SftRun:
         if fault.get("kill_at_step"):
             self.trainer.add_callback(_make_fault_callback(int(fault["kill_at_step"]), self.is_main))
         if self.is_main:
-            log.info("%d samples (%d tokens) from %s; init %s", len(items),
-                     sum(len(i["input_ids"]) for i in items), self.spec["samples_path"], init_dir)
+            log.info("%d samples from %s (tokenized as drawn); init %s", len(self.dataset),
+                     self.spec["samples_path"], init_dir)
 
     # ---- train
     def train(self) -> dict[str, Any]:
