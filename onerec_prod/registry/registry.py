@@ -142,6 +142,8 @@ def alias_lock(cfg: Config) -> Iterator[None]:
         with tracking.file_lock(tracking.lock_path(cfg, "aliases"), cfg.registry.lock_timeout_s):
             yield
         return
+    from mlflow.exceptions import MlflowException
+
     c, name = tracking.client(cfg), cfg.registry.model_name
     _ensure_model(c, name)
     token, ttl = uuid.uuid4().hex, cfg.registry.lock_timeout_s
@@ -150,10 +152,14 @@ def alias_lock(cfg: Config) -> Iterator[None]:
         held = c.get_registered_model(name).tags.get(LEASE_TAG, "")
         holder, _, expiry = held.partition("|")
         if not holder or float(expiry or 0) < time.time():
-            c.set_registered_model_tag(name, LEASE_TAG, f"{token}|{time.time() + ttl:.3f}")
-            time.sleep(0.3)  # let a racing writer land, then see who won
-            if c.get_registered_model(name).tags.get(LEASE_TAG, "").startswith(token + "|"):
-                break
+            try:
+                c.set_registered_model_tag(name, LEASE_TAG, f"{token}|{time.time() + ttl:.3f}")
+            except MlflowException as e:  # a racing writer inserted the tag first (unique key)
+                log.debug("alias lease write lost a race: %s", e)
+            else:
+                time.sleep(0.3)  # let a racing writer land, then see who won
+                if c.get_registered_model(name).tags.get(LEASE_TAG, "").startswith(token + "|"):
+                    break
         if time.monotonic() > deadline:
             raise TimeoutError(f"alias lease on {name!r} held by {holder} for more than {ttl}s")
         time.sleep(0.1 + random.random() * 0.2)
