@@ -106,9 +106,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{g.steps} steps x {g.prompts_per_step} prompts x G={g.group_size}, lr {g.lr}, kl {g.kl_coef}; "
           f"RL {rl_seconds:.0f}s)\n")
     print(format_table({"SFT (before)": before, "SFT + GRPO (after)": after}))
-    print("\nreward curve (step: mean Rollout-Beam reward of the rollouts, 0..4 | hit-rate | KL)")
+    print("\nreward curve (step: mean Rollout-Beam reward of the rollouts, 0..4 | hit-rate | "
+          "groups with reward variance | KL)")
     for c in res.curve:
-        print(f"  {int(c['step']):3d}: {c['reward_mean']:.3f} | {c['hit_rate']:.3f} | {c['kl']:.4f}")
+        print(f"  {int(c['step']):3d}: {c['reward_mean']:.3f} | {c['hit_rate']:.3f} | "
+              f"{c.get('signal_groups', 0.0):.2f} | {c['kl']:.2e}")
+    from onerec_prod.model.io import weights_hash
+
+    print(f"weights: SFT {weights_hash(args.model)[:12]} -> after GRPO {weights_hash(out)[:12]}")
     blob = {"before": before, "after": after, "curve": res.curve, "grpo": g.model_dump(),
             "users": len(users), "rl_seconds": round(rl_seconds, 1),
             "total_seconds": round(time.perf_counter() - t0, 1), "model": str(args.model)}

@@ -70,6 +70,7 @@ def airflow_env(cfg: Config, config_path: str | None, extra: dict[str, str] | No
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": f"{__name__}.SQLITE_CONNECT_ARGS",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": f"{__name__}.SQLITE_CONNECT_ARGS_ASYNC",
         "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(cfg.airflow.log_server_port),
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__WORKERS": "1",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
@@ -93,7 +94,7 @@ def airflow_env(cfg: Config, config_path: str | None, extra: dict[str, str] | No
 
 
 def _af(cfg: Config, env: dict[str, str], *args: str, check: bool = True, capture: bool = True,
-        retries: int = 3):
+        retries: int = 8):
     cmd = [_airflow_bin(), *args]
     for attempt in range(retries + 1):
         res = subprocess.run(cmd, env=env, capture_output=capture, text=True)

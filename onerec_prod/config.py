@@ -233,6 +233,10 @@ class GrpoCfg(_Group):
     clip_eps: float = Field(0.2, gt=0, description="PPO-style ratio clip.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of rationales.")
     max_think_tokens: int = Field(32, ge=1, description="Max rationale tokens per rollout.")
+    min_think_tokens: int = Field(
+        0, ge=0, description="Sampled rollouts write at least this many rationale tokens (0 = free): "
+        "exploration when the policy closes its think block at once and a group's rollouts coincide."
+    )
     format_reward: float = Field(0.0, ge=0, description="Weight of the well-formed-think reward.")
     seed: int = Field(7, description="Seed of rollouts.")
     iterations: int = Field(1, ge=1, description="Policy updates per rollout batch (mu); >1 makes the clip bite.")
@@ -346,6 +350,9 @@ class AirflowCfg(_Group):
         None, description="DAG end_date; set locally so unpausing creates no run for today."
     )
     api_port: int = Field(28080, ge=1, le=65535, description="Local Airflow API server port.")
+    log_server_port: int = Field(
+        28793, ge=1, le=65535, description="Local scheduler's task-log server port (Airflow's default 8793)."
+    )
     poll_interval_s: float = Field(
         20.0, gt=0, description="Local backfill progress poll interval (each poll is an airflow CLI call)."
     )

@@ -117,8 +117,12 @@ def _stop_ids(tok) -> list[int]:
 
 
 def sample_rationales(model, tok, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                      do_sample: bool, seed: int, batch_size: int = 32) -> list[list[int]]:
-    """Generated ids after each prompt, cut after the first stop token (``</think>`` / EOS)."""
+                      do_sample: bool, seed: int, batch_size: int = 32, min_new_tokens: int = 0) -> list[list[int]]:
+    """Generated ids after each prompt, cut after the first stop token (``</think>`` / EOS).
+
+    ``min_new_tokens``: the stop tokens are suppressed before that many tokens (exploration for a
+    policy that learned to close its think block at once, whose G rollouts would all coincide).
+    """
     import torch
 
     stops = _stop_ids(tok)
@@ -126,6 +130,8 @@ def sample_rationales(model, tok, prompts: list[list[int]], max_new_tokens: int,
     dev = next(model.parameters()).device
     gen: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "eos_token_id": stops,
                            "pad_token_id": pad, "do_sample": bool(do_sample)}
+    if min_new_tokens > 0:
+        gen["min_new_tokens"] = min(int(min_new_tokens), int(max_new_tokens))
     if do_sample:
         gen.update(temperature=float(temperature), top_p=1.0, top_k=0)
     else:
@@ -155,6 +161,7 @@ def rollout(model, tok, prompts: Sequence[RlPrompt], trie, vocab, gcfg: GrpoCfg,
     rep = [p for p in prompts for _ in range(group)]
     open_ids = [inference_prompt_ids(tok, p.messages, think=True) for p in rep]
     think = sample_rationales(model, tok, open_ids, gcfg.max_think_tokens, gcfg.temperature,
+                              min_new_tokens=0 if greedy else gcfg.min_think_tokens,
                               do_sample=not greedy, seed=seed)
     rationale = [[t for t in ids if t not in stops] for ids in think]
     sid_prompts = [o + r + close_ids for o, r in zip(open_ids, rationale, strict=True)]
@@ -343,7 +350,7 @@ class LocalUpdate:
 
 # local sums of one step; summed over ranks, then turned into the curve entry by step_metrics
 SUM_KEYS = ("n", "reward_sum", "reward_sq", "beam_sum", "hits", "kl_sum", "kl_n", "clip_sum", "clip_n",
-            "loss", "think_closed")
+            "loss", "think_closed", "groups", "signal_groups")
 
 
 def grpo_step(policy, ref, tok, batch: Sequence[RlPrompt], trie, vocab, gcfg: GrpoCfg,
@@ -399,6 +406,8 @@ def grpo_step(policy, ref, tok, batch: Sequence[RlPrompt], trie, vocab, gcfg: Gr
         "kl_sum": float(sum(kls)), "kl_n": float(len(kls)),
         "clip_sum": float(sum(clips)), "clip_n": float(len(clips)), "loss": tot_loss,
         "think_closed": float(sum(bool(t) and t[-1] == think_end for t in ro.think_ids)),
+        # groups whose rollouts got different rewards: only they carry a gradient (GRPO's signal)
+        "groups": float(n // G), "signal_groups": float((r.view(-1, G).std(1) > 0).sum()) if G > 1 else 0.0,
     }
 
 
@@ -415,14 +424,15 @@ def step_metrics(sums: dict[str, float], step: int, seconds: float) -> dict[str,
         "kl": sums["kl_sum"] / max(sums["kl_n"], 1.0), "clip_frac": sums["clip_sum"] / max(sums["clip_n"], 1.0),
         "loss": sums["loss"],
         "think_closed": sums["think_closed"] / n,
+        "signal_groups": sums.get("signal_groups", 0.0) / max(sums.get("groups", 0.0), 1.0),
         "seconds": seconds,
     }
 
 
 def log_step(m: dict[str, float], steps: int) -> None:
-    log.info("GRPO step %d/%d reward %.3f±%.3f beam %.3f hit %.3f kl %.4f loss %.4f clip %.3f (%.1fs)",
-             m["step"], steps, m["reward_mean"], m["reward_std"], m["beam_reward_mean"],
-             m["hit_rate"], m["kl"], m["loss"], m["clip_frac"], m["seconds"])
+    log.info("GRPO step %d/%d reward %.3f±%.3f beam %.3f hit %.3f groups-with-signal %.2f kl %.2e loss %.4f "
+             "clip %.3f (%.1fs)", m["step"], steps, m["reward_mean"], m["reward_std"], m["beam_reward_mean"],
+             m["hit_rate"], m["signal_groups"], m["kl"], m["loss"], m["clip_frac"], m["seconds"])
 
 
 def ckpt_due(gcfg: GrpoCfg, step: int) -> bool:

@@ -30,6 +30,9 @@ OVERRIDES = [
     "eval.max_users=10",
     "eval.bertscore_items=2",
     "eval.sasrec_epochs=1",
+    # ports of its own, so the test can run beside `make demo` or a developer's local Airflow
+    "airflow.api_port=28180",
+    "airflow.log_server_port=28893",
 ]
 
 
