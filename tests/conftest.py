@@ -41,6 +41,29 @@ def beauty_dir() -> Path:
     return BEAUTY_DIR
 
 
+BEAUTY_SLICE_FROM_TS = 1393200000  # 2014-02-24: the slice keeps Beauty interactions from this day on
+
+
+def write_beauty_slice(beauty_dir: Path, work: Path, from_ts: int = BEAUTY_SLICE_FROM_TS) -> Path:
+    """Convert Beauty, keep interactions with ts >= from_ts (and their items): a real, small dataset."""
+    from onerec_prod.datasets import convert_beauty, load_dataset, write_dataset
+
+    full = work / "beauty_full"
+    convert_beauty(beauty_dir, full)
+    ds = load_dataset(full)
+    rows = [(i.user_id, i.item_id, i.ts, i.event_type) for i in ds.interactions if i.ts >= from_ts]
+    used = {r[1] for r in rows}
+    out = work / "beauty_slice"
+    write_dataset(out, rows, [it for it in ds.items.values() if it.item_id in used])
+    return out
+
+
+@pytest.fixture(scope="session")
+def beauty_slice(beauty_dir, tmp_path_factory) -> Path:
+    """Real Beauty from 2014-02-24 on, in the plain dataset format (~7.5k interactions)."""
+    return write_beauty_slice(beauty_dir, tmp_path_factory.mktemp("datasets"))
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     """Build a Config whose var_root is a fresh temp dir; extra ``key=value`` overrides allowed."""

@@ -12,7 +12,10 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.airflow]
 
 REPO = Path(__file__).resolve().parents[2]
-DAYS = ["2014-01-01", "2014-01-02", "2014-01-03"]
+# the Beauty slice from 2014-02-24 (tests/conftest.py): 02-24..28 land as the bootstrap day
+# 2014-02-28 (first model from scratch), then two real days with incremental training
+BOOTSTRAP_BEFORE = "2014-03-01"
+DAYS = ["2014-02-28", "2014-03-01", "2014-03-02"]
 TABLES = {
     "events": ["event_id"],
     "events_quarantine": ["source_file", "line_no"],
@@ -23,8 +26,8 @@ TABLES = {
     "samples": ["sample_id"],
 }
 OVERRIDES = [
-    "airflow.start_date=2014-01-01",
-    "airflow.end_date=2014-01-03",
+    "airflow.start_date=2014-02-28",
+    "airflow.end_date=2014-03-02",
     "train.max_steps=2",
     "grpo.steps=1",
     "eval.max_users=10",
@@ -58,7 +61,7 @@ def _registry_state(cfg) -> dict:
     return out
 
 
-def test_backfill_equals_daily_runs(tmp_path, spark):
+def test_backfill_equals_daily_runs(tmp_path, spark, beauty_slice):
     from onerec_prod import airflow_local
     from onerec_prod.config import load_config
     from onerec_prod.pipeline import run_day
@@ -71,7 +74,7 @@ def test_backfill_equals_daily_runs(tmp_path, spark):
 
     daily, backfilled = cfg_for(tmp_path / "daily"), cfg_for(tmp_path / "backfill")
     for c in (daily, backfilled):
-        replay(c, DAYS[0], len(DAYS), bootstrap_before=None)
+        replay(c, DAYS[1], len(DAYS) - 1, dataset=beauty_slice, bootstrap_before=BOOTSTRAP_BEFORE)
 
     for dt in DAYS:  # three scheduled days, one after the other, in this process
         run_day(daily, dt)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from onerec_prod.datasets import Item, convert_beauty, load_dataset, write_dataset
+from onerec_prod.datasets import Item, load_dataset, write_dataset
 from onerec_prod.replay import FAULTS_FILE, FaultSpec, ReplayError, event_id, replay, synthetic_days
 
 START, DAYS, BOOT = "2014-03-01", 3, "2014-03-01"
@@ -23,18 +23,6 @@ def digest(root: Path) -> dict[str, str]:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def beauty_slice(beauty_dir, tmp_path_factory) -> Path:
-    """Real Beauty interactions from 2014-02-24 on, in the plain format."""
-    work = tmp_path_factory.mktemp("replay_data")
-    convert_beauty(beauty_dir, work / "full")
-    ds = load_dataset(work / "full")
-    rows = [(i.user_id, i.item_id, i.ts, i.event_type) for i in ds.interactions if i.ts >= 1393200000]
-    used = {r[1] for r in rows}
-    write_dataset(work / "slice", rows, [it for it in ds.items.values() if it.item_id in used])
-    return work / "slice"
 
 
 def test_cli_replay_twice_is_byte_identical(make_cfg, tmp_path, capsys):
