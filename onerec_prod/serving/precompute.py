@@ -6,8 +6,9 @@ prefixes of the first ``serving.prefix_levels`` SID levels with their log-probab
 (:func:`onerec_prod.eval.beam.beam_search_sids` with ``levels=k``). Online, the service only
 completes the remaining levels under each prefix.
 
-Active users: rows of ``user_history`` whose ``updated_dt`` lies in the ``serving.active_days``
-days ending at ``dt`` (``0`` = every user). ``user_history`` is a current-state table, so the
+Active users: rows of ``user_history`` whose ``updated_dt`` and newest event (``last_ts``) lie
+in the ``serving.active_days`` days ending at ``dt`` (``0`` = every user; on a bootstrap day only
+the users with an event in the window count, not every user of the backlog). ``user_history`` is a current-state table, so the
 histories are the ones it holds when the job runs; its Delta version is returned for lineage.
 History items without a SID of the model's ``sid_version`` are dropped from the prompt; users
 left with no item are skipped (the service serves them through the fallback).
@@ -367,7 +368,10 @@ def _read_inputs(spark, cfg: Config, dt: str) -> tuple[dict[str, list[str]], lis
     hist = read_table(spark, hist_path, versions["user_history"])
     since = active_since(dt, cfg.serving.active_days)
     if since is not None:
-        hist = hist.where(F.col("updated_dt") >= F.lit(since))
+        # active by event time: a bootstrap partition updates every user's row on one dt, but
+        # only the users with an event in the window are active
+        since_ts = int(_dt.datetime.combine(_dt.date.fromisoformat(since), _dt.time(), _dt.UTC).timestamp())
+        hist = hist.where((F.col("updated_dt") >= F.lit(since)) & (F.col("last_ts") >= F.lit(since_ts)))
     histories = {r["user_id"]: list(r["items"] or []) for r in hist.select("user_id", "items").collect()}
     cat = read_table(spark, cat_path, versions["catalog"]).where(F.col("sid").isNotNull())
     rows = [r.asDict() for r in cat.select("item_id", "title", "categories", "sid", "sid_version").collect()]

@@ -26,6 +26,8 @@ TABLES = {
     "samples": ["sample_id"],
 }
 OVERRIDES = [
+    "sid.codebook_size=64",  # ~4k items: test.yaml's 16 x 3 + 16 collision codes overflow
+    "sid.collision_size=64",
     "airflow.start_date=2014-02-28",
     "airflow.end_date=2014-03-02",
     "train.max_steps=2",

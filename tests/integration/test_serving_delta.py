@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,16 @@ def _write_inputs(spark, cfg, beauty_items, tiny_sids) -> list[str]:
             "2014-01-01", "2014-01-01") for i, it in enumerate(beauty_items[:60])]
     cat_df = spark.createDataFrame(cat, "item_id string, title string, categories string, description string, "
                                         "sid array<int>, sid_version string, first_seen_dt string, updated_dt string")
+    def noon(d: str) -> int:
+        return int(datetime.fromisoformat(f"{d}T12:00:00+00:00").timestamp())
+
     hist = [
-        ("u_active", ids[:4], 1, DT),
-        ("u_recent", ids[10:13], 1, "2014-01-08"),
-        ("u_old", ids[20:22], 1, "2013-12-01"),  # outside serving.active_days=3: not precomputed
-        ("u_nosid", ids[55:58], 1, DT),  # only items without a SID: skipped
+        ("u_active", ids[:4], noon(DT), DT),
+        ("u_recent", ids[10:13], noon("2014-01-08"), "2014-01-08"),
+        ("u_old", ids[20:22], noon("2013-12-01"), "2013-12-01"),  # outside serving.active_days=3
+        ("u_nosid", ids[55:58], noon(DT), DT),  # only items without a SID: skipped
+        # row rewritten on DT (a bootstrap partition) but its newest event is old: not active
+        ("u_backlog", ids[30:33], noon("2013-06-01"), DT),
     ]
     hist_df = spark.createDataFrame(hist, "user_id string, items array<string>, last_ts bigint, updated_dt string")
     for df, name in ((cat_df, "catalog"), (hist_df, "user_history")):
