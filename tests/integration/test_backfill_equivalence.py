@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.airflow]
+pytestmark = [pytest.mark.slow, pytest.mark.airflow, pytest.mark.timeout(5400)]
 
 REPO = Path(__file__).resolve().parents[2]
 # the Beauty slice from 2014-02-24 (tests/conftest.py): 02-24..28 land as the bootstrap day
