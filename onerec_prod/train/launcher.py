@@ -21,6 +21,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,25 @@ def die_with_parent() -> None:
 
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def worker_main(module: str, run_spec: Callable[[dict[str, Any]], Any], argv: list[str] | None = None) -> int:
+    """``python -m MODULE SPEC.json``: one rank of a torchrun job (quiet logs, dies with its agent)."""
+    import warnings
+
+    from onerec_prod.log import setup_logging
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.stderr.write(f"usage: python -m {module} SPEC.json\n")
+        return 2
+    die_with_parent()  # a rank never outlives its torchrun agent
+    setup_logging(os.environ.get("ONEREC_LOG_LEVEL", "INFO"))
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    for noisy in ("transformers", "accelerate", "DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    run_spec(json.loads(Path(argv[0]).read_text()))
+    return 0
 
 
 def run_command(cmd: list[str], env: dict[str, str]) -> None:

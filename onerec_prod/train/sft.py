@@ -26,7 +26,6 @@ import os
 import resource
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -508,21 +507,9 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from onerec_prod.log import setup_logging
+    from onerec_prod.train.launcher import worker_main
 
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        sys.stderr.write("usage: python -m onerec_prod.train.sft SPEC.json\n")
-        return 2
-    from onerec_prod.train.launcher import die_with_parent
-
-    die_with_parent()  # a rank never outlives its torchrun agent
-    setup_logging(os.environ.get("ONEREC_LOG_LEVEL", "INFO"))
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    for noisy in ("transformers", "accelerate", "DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    run_spec(json.loads(Path(argv[0]).read_text()))
-    return 0
+    return worker_main("onerec_prod.train.sft", run_spec, argv)
 
 
 if __name__ == "__main__":
