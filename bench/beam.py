@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers (quality_beauty)
 
+from _common import add_threads_arg, start  # noqa: E402
 from quality_beauty import letter_sids, load_beauty, service_sids, split_leave_one_out  # noqa: E402
 
 from onerec_prod.config import REPO_ROOT, load_config  # noqa: E402
@@ -81,15 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--work", default=None)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: torch's). On a shared, oversubscribed box use 1: "
-                   "OpenMP spin-waits make 2 threads several times slower than 1 there.")
+    add_threads_arg(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    start(args)
     import torch
 
     from onerec_prod.eval.api import build_catalog_trie

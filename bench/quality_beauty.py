@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _common import add_threads_arg, start
+
 from onerec_prod.config import Config, load_config
 from onerec_prod.eval.report import PAPER_TABLE, format_table
 
@@ -321,15 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="Write the results here too.")
     p.add_argument("--no-history-lm", action="store_true",
                    help="Train without the general_lm rows over users' training histories.")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: torch's). On a shared, oversubscribed box use 1: "
-                   "OpenMP spin-waits make 2 threads several times slower than 1 there.")
+    add_threads_arg(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    start(args)
     from onerec_prod.config import REPO_ROOT
 
     work = Path(args.work or REPO_ROOT / "var" / "bench" / Path(args.config).stem).resolve()

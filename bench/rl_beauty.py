@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers (quality_beauty)
 
+from _common import add_threads_arg, start  # noqa: E402
 from quality_beauty import evaluate_model, load_beauty, service_sids, split_leave_one_out  # noqa: E402
 
 from onerec_prod.config import REPO_ROOT, load_config  # noqa: E402
@@ -60,15 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-users", type=int, default=1000, help="Seeded sample of test users.")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"Config override (defaults: {' '.join(DEFAULT_GRPO)}).")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (1 on a loaded machine).")
+    add_threads_arg(p)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start(args)
 
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     work = Path(args.work or REPO_ROOT / "var" / "bench" / Path(args.config).stem).resolve()
     cfg = load_config(args.config, [f"paths.var_root={work}", *DEFAULT_GRPO, *args.set])
     items, seqs = load_beauty(cfg.paths.dataset)
