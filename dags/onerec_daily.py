@@ -61,11 +61,16 @@ def _run(stage: str, **kwargs) -> dict:
     doc_md=__doc__,
 )
 def onerec_daily():
-    @task.sensor(task_id="landing", poke_interval=60, timeout=AF.sensor_timeout_s, mode="reschedule", retries=0)
+    @task.sensor(task_id="landing", poke_interval=AF.sensor_poke_interval_s, timeout=AF.sensor_timeout_s,
+                 mode="reschedule", retries=0)
     def landing() -> bool:
-        from onerec_prod.pipeline import landing_ready
+        from onerec_prod.pipeline import landing_missing
 
-        return landing_ready(load_config(CFG_PATH), get_current_context()["ds"])
+        ds = get_current_context()["ds"]
+        missing = landing_missing(load_config(CFG_PATH), ds)
+        if missing:  # in the task log: what a timed-out sensor was waiting for
+            print(f"landing dt={ds}: no *.jsonl yet in {', '.join(missing)}")
+        return not missing
 
     @task(task_id="update_catalog")
     def update_catalog():

@@ -188,6 +188,10 @@ def down(cfg: Config, grace_s: float = 20) -> None:
             os.killpg(pid, signal.SIGKILL)
         except OSError:
             pass
+        try:  # reap our own children (started by this process's `up`), so no zombie lingers
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
     if pids:
         log.info("local airflow stopped: %s", pids)
     _pids_file(cfg).unlink(missing_ok=True)
@@ -228,6 +232,30 @@ def dag_runs(cfg: Config, env: dict[str, str]) -> list[dict]:
         return []
 
 
+def task_progress(cfg: Config, run_id: str) -> str:
+    """One line on a run's tasks: ``k/N tasks done; running: a, b``, read-only from the local
+    sqlite metadata DB (a second CLI call per poll would cost seconds of CPU); '' if unreadable."""
+    import sqlite3
+
+    db = airflow_home(cfg) / "airflow.db"
+    if not run_id or not db.exists():
+        return ""
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = con.execute("SELECT task_id, state FROM task_instance WHERE dag_id = ? AND run_id = ?",
+                               (DAG_ID, run_id)).fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return ""
+    if not rows:
+        return ""
+    done = sum(1 for _, st in rows if st in ("success", "skipped", "failed", "upstream_failed"))
+    running = sorted(t for t, st in rows if st in ("running", "queued", "scheduled", "up_for_retry"))
+    return f"{done}/{len(rows)} tasks done" + (f"; running: {', '.join(running)}" if running else "")
+
+
 def backfill(cfg: Config, env: dict[str, str], from_date: str, to_date: str, timeout_s: float = 6 * 3600) -> list[dict]:
     """Airflow's own backfill of the range; waits for every run; returns runs with their states."""
     wait_for_dag(cfg, env)
@@ -235,13 +263,19 @@ def backfill(cfg: Config, env: dict[str, str], from_date: str, to_date: str, tim
     _af(cfg, env, "backfill", "create", "--dag-id", DAG_ID, "--from-date", from_date, "--to-date", to_date,
         "--max-active-runs", "1", "--reprocess-behavior", "failed")
     log.info("backfill %s..%s created; waiting for runs", from_date, to_date)
-    t0, last = time.time(), None
+    t0, last, last_progress = time.time(), None, None
     while True:
         runs = [r for r in dag_runs(cfg, env) if from_date <= str(r.get("logical_date", ""))[:10] <= to_date]
         states = {str(r.get("logical_date", ""))[:10]: r.get("state") for r in runs}
         if states != last:
             log.info("backfill runs: %s", dict(sorted(states.items())))
             last = states
+        for r in runs:
+            if r.get("state") == "running":
+                line = task_progress(cfg, str(r.get("dag_run_id") or r.get("run_id") or ""))
+                if line and line != last_progress:
+                    log.info("%s: %s", str(r.get("logical_date", ""))[:10], line)
+                    last_progress = line
         if runs and all(s in ("success", "failed") for s in states.values()):
             expected = _days(from_date, to_date)
             if set(states) >= set(expected):

@@ -345,6 +345,9 @@ class AirflowCfg(_Group):
     retries: int = Field(2, ge=0, description="Retries of tasks where a retry can help.")
     retry_delay_s: int = Field(60, ge=0, description="First retry delay (exponential backoff).")
     sensor_timeout_s: int = Field(6 * 3600, ge=1, description="How long to wait for landing data.")
+    sensor_poke_interval_s: int = Field(
+        60, ge=1, description="How often the landing sensor looks (reschedule mode: no slot held between)."
+    )
     start_date: str = Field("2014-01-01", description="DAG start_date.")
     end_date: str | None = Field(
         None, description="DAG end_date; set locally so unpausing creates no run for today."

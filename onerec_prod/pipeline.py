@@ -99,10 +99,16 @@ def final_candidate(cfg: Config, dt: str) -> Path:
     return rl if (rl / "config.json").exists() else candidate_dir(cfg, dt, "sft")
 
 
+def landing_missing(cfg: Config, dt: str) -> list[str]:
+    """Day D's landing partitions that hold no JSONL file yet ([] = the day has landed)."""
+    raw = Path(cfg.paths.raw)
+    parts = [raw / kind / f"dt={dt}" for kind in ("events", "items")]
+    return [str(p) for p in parts if not any(p.glob("*.jsonl"))]
+
+
 def landing_ready(cfg: Config, dt: str) -> bool:
     """True when both landing partitions of day D hold at least one JSONL file."""
-    raw = Path(cfg.paths.raw)
-    return all(any((raw / kind / f"dt={dt}").glob("*.jsonl")) for kind in ("events", "items"))
+    return not landing_missing(cfg, dt)
 
 
 # --------------------------------------------------------------------------------------
