@@ -103,7 +103,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [r["dt"] for r in rows]
+    days = [r["dt"] for r in rows]
+    xs = list(range(len(days)))  # positions, labelled with the dates below
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for key, label in (("recall@10", "OneRec (ours) R@10"), ("mostpop_r@10", "MostPop R@10"),
                        ("sasrec_r@10", "SASRec R@10")):
@@ -112,11 +113,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     axes[0].legend(fontsize=7)
     axes[1].plot(xs, [r.get("train_loss") or 0 for r in rows], marker="o", color="tab:red")
     axes[1].set_title("train loss")
-    axes[2].bar(xs, [r.get("events") or 0 for r in rows], label="events")
-    axes[2].bar(xs, [r.get("quarantined") or 0 for r in rows], label="quarantined")
-    axes[2].set_title("events / quarantined")
+    # the bootstrap day holds years of events: log scale, so the daily counts stay visible
+    axes[2].bar([x - 0.2 for x in xs], [r.get("events") or 0 for r in rows], width=0.4, label="events")
+    axes[2].bar([x + 0.2 for x in xs], [r.get("quarantined") or 0 for r in rows], width=0.4,
+                label="quarantined")
+    axes[2].set_yscale("log")
+    axes[2].set_title("events / quarantined (log scale)")
     axes[2].legend(fontsize=7)
     for ax in axes:
+        ax.set_xticks(xs, days)
         ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

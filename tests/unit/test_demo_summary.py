@@ -1,0 +1,57 @@
+"""The demo's per-day summary: rows read from the stages' run records, the table, the plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from onerec_prod.config import load_config
+from onerec_prod.demo import day_summary, format_table, plot
+from onerec_prod.pipeline import write_record
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cfg(tmp_path):
+    return load_config(REPO / "configs" / "test.yaml", [f"paths.var_root={tmp_path}"], environ={})
+
+
+def test_summary_rows_come_from_the_run_records_and_a_failed_day_shows_dashes(tmp_path):
+    cfg = _cfg(tmp_path)
+    d1, d2 = "2014-01-01", "2014-01-02"
+    write_record(cfg, d1, "ingest_events", {"counts": {"events_written": 239, "quarantined": 8}})
+    write_record(cfg, d1, "update_catalog", {"counts": {"new_items": 2, "quarantined": 3}})
+    write_record(cfg, d1, "train", {"path": "incremental", "train_loss": 6.5976})
+    write_record(cfg, d1, "rl_refresh", {"before": {"hit_rate": 0.25}, "after": {"hit_rate": 0.5}})
+    write_record(cfg, d1, "evaluate", {
+        "metrics": {"recall@10": 0.04, "ndcg@10": 0.02, "bertscore_f1": 0.61},
+        "sft_metrics": {"recall@10": 0.03},
+        "baselines": {"mostpop": {"recall@10": 0.01}, "sasrec": {"recall@10": 0.05}},
+    })
+    write_record(cfg, d1, "gate_register", {"passed": False, "passed_effective": True})
+    write_record(cfg, d1, "promote", {"promoted": True, "version": 2})
+    # day 2 failed after ingest: only its first record exists
+    write_record(cfg, d2, "ingest_events", {"counts": {"events_written": 376, "quarantined": 0}})
+
+    r1, r2 = day_summary(cfg, d1), day_summary(cfg, d2)
+    assert r1 == {
+        "dt": d1, "events": 239, "quarantined": 8, "new_items": 2, "train_path": "incremental",
+        "train_loss": 6.5976, "rl_hit_before": 0.25, "rl_hit_after": 0.5, "sft_r@10": 0.03,
+        "recall@10": 0.04, "ndcg@10": 0.02, "bertscore": 0.61, "mostpop_r@10": 0.01,
+        "sasrec_r@10": 0.05, "gate": "pass", "champion": 2,
+    }
+    assert (r2["events"], r2["quarantined"], r2["train_path"], r2["gate"], r2["champion"]) == (
+        376, 0, None, None, None)
+
+    table = format_table([r1, r2]).splitlines()
+    assert table[0].split() == list(r1)
+    assert table[2].split()[:3] == [d1, "239", "8"]
+    assert table[3].split()[3:] == ["-"] * (len(r1) - 3)  # new_items onwards: no record, no number
+    assert format_table([]) == "(no days)"
+
+
+def test_plot_writes_a_png_even_with_missing_values(tmp_path):
+    cfg = _cfg(tmp_path)
+    write_record(cfg, "2014-01-01", "ingest_events", {"counts": {"events_written": 10, "quarantined": 1}})
+    rows = [day_summary(cfg, "2014-01-01"), day_summary(cfg, "2014-01-02")]
+    out = plot(rows, tmp_path / "plots" / "summary.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
