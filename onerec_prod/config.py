@@ -115,6 +115,10 @@ class DataCfg(_Group):
     )
     replay_start: str = Field("2014-01-01", description="replay: first daily partition.")
     replay_days: int = Field(3, ge=1, description="replay: number of daily partitions.")
+    replay_faults: str = Field(
+        "", description="replay: bad lines injected into each daily partition, as `replay --faults "
+        "SPEC` ('' = none; the demo injects one of each kind to show the quarantine)."
+    )
     untimed_origin: str = Field(
         "2014-01-01", description="replay of a dataset without timestamps: first day of the window "
         "where users' last interactions land (see docs/DATASETS.md)."

@@ -365,8 +365,10 @@ def replay(cfg, start: str | None = None, days: int | None = None, *, dataset: s
             ev_lines = [_dump(r) for r in records]
         write_partition(raw_root / "events" / f"dt={dt}", ev_lines, ev_manifest)
         write_partition(raw_root / "items" / f"dt={dt}", item_lines, it_manifest)
-        row = {"dt": dt, "kind": kind, "events": len(records), "items": len(item_lines),
-               "faults": len(ev_manifest["faults"]) + len(it_manifest["faults"]) if ev_manifest else 0}
+        n_ev_faults = len(ev_manifest["faults"]) if ev_manifest else 0
+        n_it_faults = len(it_manifest["faults"]) if it_manifest else 0
+        row = {"dt": dt, "kind": kind, "events": len(records), "items": len(item_lines) - n_it_faults,
+               "faults": n_ev_faults + n_it_faults, "event_faults": n_ev_faults, "item_faults": n_it_faults}
         summary["partitions"].append(row)
         log.info("replay %s (%s): %d events, %d item lines, %d faults", dt, kind, row["events"],
                  row["items"], row["faults"])
@@ -384,7 +386,8 @@ def add_arguments(parser) -> None:
                         help="Dataset dir in the plain format, or the Beauty dir (default paths.dataset_dir).")
     parser.add_argument("--out", default=None, help="Raw landing root (default paths.raw_root).")
     parser.add_argument("--faults", default=None, metavar="SPEC",
-                        help="Inject faults: 'all', 'all=N' or 'kind=N,...' plus 'seed=S' "
+                        help="Inject faults (default data.replay_faults; '' = none): 'all', 'all=N' or "
+                        "'kind=N,...' plus 'seed=S' "
                         f"(kinds: {', '.join(list(EVENT_FAULTS) + list(ITEM_FAULTS))}).")
     parser.add_argument("--bootstrap-before", default=None, metavar="DATE|none",
                         help="Days before DATE land as one partition dated DATE-1 "
@@ -398,7 +401,8 @@ def main(args, cfg) -> int:
     if args.bootstrap_before is not None:
         boot = None if args.bootstrap_before.lower() in ("none", "") else args.bootstrap_before
     try:
-        faults = FaultSpec.parse(args.faults) if args.faults else None
+        spec = cfg.data.replay_faults if args.faults is None else args.faults
+        faults = FaultSpec.parse(spec) if spec else None
         summary = replay(cfg, args.start, args.days, dataset=args.dataset, out=args.out, faults=faults,
                          bootstrap_before=boot)
     except (ReplayError, DatasetError) as e:

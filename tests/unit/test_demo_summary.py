@@ -55,3 +55,24 @@ def test_plot_writes_a_png_even_with_missing_values(tmp_path):
     rows = [day_summary(cfg, "2014-01-01"), day_summary(cfg, "2014-01-02")]
     out = plot(rows, tmp_path / "plots" / "summary.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fault_check_matches_injected_lines_with_quarantined_ones(tmp_path):
+    from onerec_prod.demo import fault_check
+
+    cfg = _cfg(tmp_path)
+    parts = [
+        {"dt": "2013-12-31", "kind": "bootstrap", "events": 100, "event_faults": 0, "item_faults": 0},
+        {"dt": "2014-01-01", "kind": "day", "events": 20, "event_faults": 8, "item_faults": 3},
+    ]
+    write_record(cfg, "2013-12-31", "ingest_events", {"counts": {"events_written": 100, "quarantined": 0}})
+    write_record(cfg, "2013-12-31", "update_catalog", {"counts": {"quarantined": 0}})
+    write_record(cfg, "2014-01-01", "ingest_events", {"counts": {"events_written": 20, "quarantined": 8}})
+    write_record(cfg, "2014-01-01", "update_catalog", {"counts": {"quarantined": 3}})
+    ok = fault_check(cfg, parts)
+    assert ok == {"event_faults": 8, "item_faults": 3, "events_quarantined": 8, "items_quarantined": 3,
+                  "good_events": 120, "events_written": 120, "nothing_lost": True}
+
+    # one bad line that was neither written nor quarantined: said, not hidden
+    write_record(cfg, "2014-01-01", "ingest_events", {"counts": {"events_written": 20, "quarantined": 7}})
+    assert fault_check(cfg, parts)["nothing_lost"] is False
