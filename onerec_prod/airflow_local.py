@@ -232,6 +232,11 @@ def dag_runs(cfg: Config, env: dict[str, str]) -> list[dict]:
         return []
 
 
+def overrides_env(overrides: list[str]) -> dict[str, str]:
+    """``group.key=value`` overrides as the ``ONEREC__GROUP__KEY`` variables the DAG's tasks read."""
+    return {"ONEREC__" + o.split("=", 1)[0].upper().replace(".", "__"): o.split("=", 1)[1] for o in overrides}
+
+
 def task_progress(cfg: Config, run_id: str) -> str:
     """One line on a run's tasks: ``k/N tasks done; running: a, b``, read-only from the local
     sqlite metadata DB (a second CLI call per poll would cost seconds of CPU); '' if unreadable."""
@@ -325,11 +330,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
     cfg_path = args.config or os.environ.get("ONEREC_CONFIG")
-    extra = {f"ONEREC__{k}": v for k, v in os.environ.items() if k.startswith("ONEREC__")}
-    overrides = {
-        "ONEREC__" + s.split("=", 1)[0].upper().replace(".", "__"): s.split("=", 1)[1] for s in args.set
-    }
-    extra.update(overrides)
+    extra = {k: v for k, v in os.environ.items() if k.startswith("ONEREC__")}
+    extra.update(overrides_env(args.set))
     if args.action == "up":
         print(json.dumps(up(cfg, cfg_path, extra)))
     elif args.action == "down":

@@ -55,12 +55,10 @@ def day_summary(cfg: Config, dt: str) -> dict[str, Any]:
     promo = read_record(cfg, dt, "promote")
     rl = read_record(cfg, dt, "rl_refresh")
     counts = _get(ingest, "counts", default={}) or {}
-    quarantined = sum(v for k, v in counts.items() if k.startswith("quarantined") and isinstance(v, int)
-                      and ":" not in k and k != "quarantined_total") or counts.get("quarantined_total", counts.get("quarantined"))
     return {
         "dt": dt,
         "events": counts.get("written", counts.get("events_written")),
-        "quarantined": counts.get("quarantined", quarantined),
+        "quarantined": counts.get("quarantined"),
         "new_items": _get(catalog, "counts", "new_items"),
         "train_path": _get(train, "path"),
         "train_loss": _get(train, "train_loss"),

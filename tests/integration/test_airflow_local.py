@@ -36,7 +36,7 @@ def test_missing_landing_fails_the_day_clearly_and_nothing_runs(tmp_path):
     cfg_path = REPO / "configs" / "test.yaml"
     root = tmp_path / "var"
     cfg = load_config(cfg_path, [f"paths.var_root={root}", *OVERRIDES], environ={})
-    extra = {f"ONEREC__{k.split('=')[0].upper().replace('.', '__')}": k.split("=", 1)[1] for k in OVERRIDES}
+    extra = airflow_local.overrides_env(OVERRIDES)
     extra["ONEREC__PATHS__VAR_ROOT"] = str(root)
 
     with airflow_local.running(cfg, str(cfg_path), extra) as env:

@@ -81,7 +81,7 @@ def test_backfill_equals_daily_runs(tmp_path, spark, beauty_slice):
     for dt in DAYS:  # three scheduled days, one after the other, in this process
         run_day(daily, dt)
 
-    extra = {f"ONEREC__{k.split('=')[0].upper().replace('.', '__')}": k.split("=", 1)[1] for k in OVERRIDES}
+    extra = airflow_local.overrides_env(OVERRIDES)
     extra["ONEREC__PATHS__VAR_ROOT"] = str(tmp_path / "backfill")
     with airflow_local.running(backfilled, str(cfg_path), extra) as env:
         runs = airflow_local.backfill(backfilled, env, DAYS[0], DAYS[-1], timeout_s=3600)
