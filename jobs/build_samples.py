@@ -43,7 +43,7 @@ from onerec_prod.samples.rationale import RationaleSource, make_rationale_source
 log = logging.getLogger(__name__)
 JOB = "build_samples"
 SFT_TASKS = tuple(t for t in builders.TASKS if t != "rl_prompt")
-MIX_FIELDS = ("sample_id", "task", "messages", "response", "sid_version", "dt")
+MIX_FIELDS = ("sample_id", "task", "messages", "response", "sid_version", "dt", "loss_from")
 _SPECIAL_RE = re.compile(r"<\|[^|<>]+\|>|<s_[a-h]_\d+>|</?think>")
 
 
@@ -243,6 +243,18 @@ def transform_persona_examples(examples):
     return usable.withColumn("_r", F.row_number().over(w)).where(F.col("_r") == 1).drop("_r")
 
 
+def transform_stream_examples(examples):
+    """Each user's last example of the day (by ts, event_id) with ``n_day``, the user's number
+    of examples that day (the ``sid_stream`` row's items new on the day)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    by_user = Window.partitionBy("user_id")
+    w = by_user.orderBy(F.col("ts").desc(), F.col("event_id").desc())
+    return (examples.withColumn("n_day", F.count(F.lit(1)).over(by_user))
+            .withColumn("_r", F.row_number().over(w)).where(F.col("_r") == 1).drop("_r"))
+
+
 def _samples_frame(spark, samples: Sequence[Mapping[str, Any]]):
     from onerec_prod.schemas import load_schema
 
@@ -261,7 +273,7 @@ def _build_on_executors(spark, kept, items: dict, *, dt: str, sid_version: str, 
     cfg_json = samples_cfg.model_dump_json()
     hk = {"dt": dt, "sid_version": sid_version, "max_history": samples_cfg.max_history}
 
-    def make(persona: bool):
+    def make(kind: str):
         def fn(batches):
             import pandas as pd
 
@@ -275,14 +287,22 @@ def _build_on_executors(spark, kept, items: dict, *, dt: str, sid_version: str, 
                 exs = pdf.to_dict("records")
                 for e in exs:
                     e["history"] = [str(i) for i in e["history"]]
-                rows = (b.build_persona_samples(exs, items_bc.value, **hk) if persona else
-                        b.build_example_samples(exs, items_bc.value, rationale_source=source, **hk))
-                yield pd.DataFrame([[r[n] for n in names] for r in rows], columns=names)
+                if kind == "persona":
+                    rows = b.build_persona_samples(exs, items_bc.value, **hk)
+                elif kind == "stream":
+                    rows = b.build_stream_samples(exs, items_bc.value, **hk)
+                else:
+                    rows = b.build_example_samples(exs, items_bc.value, rationale_source=source, **hk)
+                out = pd.DataFrame([[r[n] for n in names] for r in rows], columns=names)
+                out["loss_from"] = out["loss_from"].astype("Int32")  # nullable int, not float NaN
+                yield out
         return fn
 
     cols = ["event_id", "user_id", "history", "target_item_id", "ts"]
-    persona = transform_persona_examples(kept).select(*cols).mapInPandas(make(True), st)
-    return persona.unionByName(kept.select(*cols).mapInPandas(make(False), st))
+    persona = transform_persona_examples(kept).select(*cols).mapInPandas(make("persona"), st)
+    stream = transform_stream_examples(kept).select(*cols, "n_day").mapInPandas(make("stream"), st)
+    return (persona.unionByName(stream)
+            .unionByName(kept.select(*cols).mapInPandas(make("examples"), st)))
 
 
 def _written_stats(spark, path: str, version: int, dt: str, seed: int, per_task: int):

@@ -168,6 +168,9 @@ class ModelCfg(_Group):
         "mean", description="Init of new SID token rows: mean of rows, or from token text."
     )
     seed: int = Field(0, description="Init seed for the embedded model.")
+    attention_dropout: float = Field(0.0, ge=0, lt=1, description="Training: attention-probability dropout.")
+    hidden_dropout: float = Field(0.0, ge=0, lt=1, description="Training: dropout on each attention/MLP block output.")
+    embedding_dropout: float = Field(0.0, ge=0, lt=1, description="Training: dropout on the token embeddings.")
 
 
 class SamplesCfg(_Group):
@@ -223,6 +226,9 @@ class TrainCfg(_Group):
         "auto", description="auto = bf16 on GPU, fp32 on CPU."
     )
     seed: int = Field(1234, description="Training seed.")
+    stage_overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-stage TrainCfg overrides, applied after the stage file's (e.g. {align: {max_steps: 200}}).")
 
 
 class GrpoCfg(_Group):

@@ -129,6 +129,12 @@ def _pick_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _stats():
+    from onerec_prod.eval.stats import per_user_gains, summarize
+
+    return per_user_gains, summarize
+
+
 def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, think: bool | None = None,
                     device: str | None = None, with_baselines: bool = True) -> dict[str, Any]:
     """Score the model at ``model_dir`` on ``inputs`` and return the report (see :mod:`.report`).
@@ -175,6 +181,8 @@ def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, t
     timing["recommend_s"] = time.perf_counter() - t1
     timing["users_per_s"] = len(users) / max(timing["recommend_s"], 1e-9)
     metrics: dict[str, Any] = compute_metrics(ranked, targets, ecfg.ks)
+    per_user_gains, summarize = _stats()
+    intervals = summarize(per_user_gains(ranked, targets, max(ecfg.ks)), seed=ecfg.seed)
 
     t2 = time.perf_counter()
     bert: dict[str, Any] = {"bertscore_f1": None}
@@ -205,6 +213,7 @@ def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, t
         "n_users": len(users),
         "think": think,
         "metrics": metrics,
+        "intervals": intervals,
         "baselines": baselines,
         "bertscore": bert,
         "counts": {"snapshot_users": len(inputs.snapshot), "catalog_items": len(inputs.catalog),

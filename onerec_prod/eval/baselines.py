@@ -63,6 +63,8 @@ def run_baselines(
     unknown = [n for n in names if n not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baselines {unknown} (valid: {', '.join(BASELINES)})")
+    from onerec_prod.eval.stats import per_user_gains, summarize
+
     k_max = max(ks)
     out: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -76,7 +78,8 @@ def run_baselines(
             model = train_sasrec(train_sequences, params)
             ranked = model.recommend(histories, k_max)
         metrics = compute_metrics(ranked, targets, ks)
+        metrics["intervals"] = summarize(per_user_gains(ranked, targets, k_max), seed=seed)
         metrics["seconds"] = round(time.perf_counter() - t0, 2)
-        log.info("baseline %s: %s", name, {k: round(v, 4) for k, v in metrics.items()})
+        log.info("baseline %s: %s", name, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
         out[name] = metrics
     return out

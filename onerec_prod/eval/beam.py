@@ -281,13 +281,21 @@ def recommend(
 ) -> Recommendations:
     """Top ``eval_cfg.beam_size`` catalog SIDs per history (think mode: greedy rationale first).
 
+    Direct mode (``think=False``) decodes from the SID stream of the history
+    (:func:`onerec_prod.samples.stream.stream_prompt_ids`), the format the recommendation task
+    is trained in; think mode uses the reasoning chat prompt, a greedy rationale, then the SID.
     ``eval_cfg`` is an :class:`onerec_prod.config.EvalCfg` (beam_size, batch_size,
     max_think_tokens, seed); ``max_items`` should be the training prompts' ``samples.max_history``.
     """
     from onerec_prod.samples.prompts import inference_prompt_ids
+    from onerec_prod.samples.stream import stream_prompt_ids
 
-    messages = build_rec_prompts(tokenizer, histories, think=think, max_items=max_items)
     rationales = None
+    if not think:
+        prompts = [stream_prompt_ids(vocab, [it["sid"] for it in h], max_items) for h in histories]
+        sids = beam_search_sids(model, prompts, trie, vocab, eval_cfg.beam_size, batch_size=eval_cfg.batch_size)
+        return Recommendations(sids, None)
+    messages = build_rec_prompts(tokenizer, histories, think=think, max_items=max_items)
     if think:
         open_ids = [inference_prompt_ids(tokenizer, m, think=True) for m in messages]
         rationales = generate_rationales(model, tokenizer, open_ids, eval_cfg.max_think_tokens,

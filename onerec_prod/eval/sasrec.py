@@ -2,10 +2,16 @@
 
 Own small torch implementation. Item embeddings (shared with the output layer) plus learned
 positions, ``n_blocks`` pre-norm Transformer blocks with a causal mask, and next-item training at
-every position of each user's last ``max_len + 1`` items. Loss ``ce`` (softmax over all items;
-converges in a few epochs) or ``bce`` (the paper's: one random negative per position).
-Sequences are right padded, so a causal mask alone keeps padding out of every real position.
-Ranking is over every item; only the padding index is excluded.
+every position of each user's last ``max_len + 1`` items. Loss ``ce`` (softmax over all items),
+``ss`` (sampled softmax: the positive against ``n_negatives`` uniform negatives shared by the batch,
+the strongest published SASRec setting on Beauty) or ``bce`` (the paper's: one random negative per
+position). Sequences are right padded, so a causal mask alone keeps padding out of every real
+position. Ranking is over every item of ``items`` (the whole catalog when given, so items never
+seen in training stay rankable); only the padding index is excluded.
+
+Model selection: with ``validate`` (a function of the model returning a score, e.g. R@10 on the
+validation item), training keeps the best epoch's weights and stops after ``patience`` epochs
+without improvement.
 """
 
 from __future__ import annotations
@@ -32,7 +38,10 @@ class SasrecParams:
     lr: float = 1e-3
     batch_size: int = 128
     epochs: int = 20
-    loss: Literal["ce", "bce"] = "ce"
+    loss: Literal["ce", "ss", "bce"] = "ce"
+    n_negatives: int = 256
+    weight_decay: float = 0.0
+    patience: int = 10
     seed: int = 0
     device: str = "cpu"
 
@@ -40,8 +49,10 @@ class SasrecParams:
         problems = []
         if self.dim % self.n_heads:
             problems.append(f"dim={self.dim} must be a multiple of n_heads={self.n_heads}")
-        if self.loss not in ("ce", "bce"):
-            problems.append(f"loss={self.loss!r} must be 'ce' or 'bce'")
+        if self.loss not in ("ce", "ss", "bce"):
+            problems.append(f"loss={self.loss!r} must be 'ce', 'ss' or 'bce'")
+        if not 0 <= self.dropout < 1 or self.n_negatives < 1 or self.patience < 1:
+            problems.append("dropout in [0, 1), n_negatives >= 1 and patience >= 1 are required")
         if self.max_len < 2 or self.epochs < 1 or self.batch_size < 1:
             problems.append("max_len >= 2, epochs >= 1 and batch_size >= 1 are required")
         if problems:
@@ -94,6 +105,9 @@ class Sasrec:
         self.items = items
         self.index = {it: i + 1 for i, it in enumerate(items)}
         self.params = params
+        self.best_epoch: int | None = None      # set by train_sasrec when it validates
+        self.best_score: float | None = None
+        self.epochs_run: int | None = None
 
     def encode(self, history: Sequence[str]) -> list[int]:
         """Known items of ``history`` as indices, last ``max_len`` only (unknown items dropped)."""
@@ -124,28 +138,44 @@ class Sasrec:
         return out
 
 
-def train_sasrec(sequences: Sequence[Sequence[str]], params: SasrecParams = SasrecParams()) -> Sasrec:
-    """Train SASRec on ``sequences`` (each a user's training items, oldest first)."""
+def train_sasrec(sequences: Sequence[Sequence[str]], params: SasrecParams = SasrecParams(), *,
+                 items: Sequence[str] | None = None, validate=None,
+                 time_budget_s: float | None = None) -> Sasrec:
+    """Train SASRec on ``sequences`` (each a user's training items, oldest first).
+
+    ``items``: the item universe to rank (default: the items of ``sequences``); every training
+    item must be in it. ``validate(model) -> float`` (higher is better) runs after each epoch:
+    the best epoch's weights are kept and training stops after ``params.patience`` epochs
+    without improvement. ``time_budget_s`` stops training after that many seconds.
+    """
+    import copy
+
     import torch
     import torch.nn.functional as F
 
-    items = sorted({it for s in sequences for it in s})
-    if not items:
+    seen = sorted({it for s in sequences for it in s})
+    if not seen:
         raise ValueError("train_sasrec: no training items")
-    index = {it: i + 1 for i, it in enumerate(items)}
+    universe = list(items) if items is not None else seen
+    index = {it: i + 1 for i, it in enumerate(universe)}
+    unknown = [it for it in seen if it not in index]
+    if unknown:
+        raise ValueError(f"train_sasrec: {len(unknown)} training items are not in items, e.g. {unknown[:3]}")
     windows = [[index[it] for it in s][-(params.max_len + 1):] for s in sequences]
     windows = [w for w in windows if len(w) >= 2]
     if not windows:
         raise ValueError("train_sasrec: no sequence has 2 or more items")
-    n = len(items)
+    n = len(universe)
     dev = params.device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(params.seed)
         net = _build_net(n, params).to(dev)
-        opt = torch.optim.Adam(net.parameters(), lr=params.lr, betas=(0.9, 0.98))
+        opt = torch.optim.AdamW(net.parameters(), lr=params.lr, betas=(0.9, 0.98), weight_decay=params.weight_decay)
         g = torch.Generator().manual_seed(params.seed)
         n_pos = sum(len(w) - 1 for w in windows)
         t0 = time.perf_counter()
+        best, best_epoch, best_state, bad = None, 0, None, 0
+        model = Sasrec(net, universe, params)
         for epoch in range(params.epochs):
             net.train()
             perm = torch.randperm(len(windows), generator=g).tolist()
@@ -161,6 +191,11 @@ def train_sasrec(sequences: Sequence[Sequence[str]], params: SasrecParams = Sasr
                     logits = h @ net.item.weight.T
                     logits[:, 0] = float("-inf")
                     loss = F.cross_entropy(logits, y)
+                elif params.loss == "ss":
+                    neg = torch.randint(1, n + 1, (params.n_negatives,), generator=g).to(dev)
+                    pos_s = (h * net.item(y)).sum(-1, keepdim=True)
+                    neg_s = (h @ net.item(neg).T).masked_fill(neg[None, :] == y[:, None], float("-inf"))
+                    loss = F.cross_entropy(torch.cat([pos_s, neg_s], 1), torch.zeros_like(y))
                 else:
                     neg = torch.randint(1, n + 1, y.shape, generator=g).to(dev)
                     pos_s = (h * net.item(y)).sum(-1)
@@ -170,6 +205,26 @@ def train_sasrec(sequences: Sequence[Sequence[str]], params: SasrecParams = Sasr
                 loss.backward()
                 opt.step()
                 total += loss.item() * int(real.sum())
-            log.info("sasrec epoch %d/%d loss %.4f (%d positions, %.0fs)", epoch + 1, params.epochs,
-                     total / n_pos, n_pos, time.perf_counter() - t0)
-    return Sasrec(net.eval(), items, params)
+            msg = ""
+            if validate is not None:
+                net.eval()
+                score = float(validate(model))
+                if best is None or score > best:
+                    best, best_epoch, bad = score, epoch + 1, 0
+                    best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
+                else:
+                    bad += 1
+                msg = f" val {score:.4f} (best {best:.4f} @ {best_epoch})"
+            log.info("sasrec epoch %d/%d loss %.4f%s (%d positions, %.0fs)", epoch + 1, params.epochs,
+                     total / n_pos, msg, n_pos, time.perf_counter() - t0)
+            if validate is not None and bad >= params.patience:
+                log.info("sasrec: early stop at epoch %d (best epoch %d)", epoch + 1, best_epoch)
+                break
+            if time_budget_s and time.perf_counter() - t0 > time_budget_s:
+                log.info("sasrec: time budget reached at epoch %d", epoch + 1)
+                break
+        if best_state is not None:
+            net.load_state_dict(best_state)
+        model.best_epoch, model.best_score, model.epochs_run = best_epoch, best, epoch + 1
+    net.eval()
+    return model

@@ -22,6 +22,10 @@ Tasks (``TASKS``):
 - ``caption`` / ``text2sid``: SID -> item text and text -> SID over a seeded daily item sample
   that always contains the day's new items.
 - ``general_lm``: plain catalog text (loss on all of it).
+- ``sid_stream``: the recommendation task's main format (:mod:`onerec_prod.samples.stream`):
+  one row per user and day holding the SID stream of the user's items through the day's last
+  event, loss on the codes of the items new on the day (every item after the first on a
+  bootstrap day).
 - ``reasoning``: history with text -> rationale in think tags, then target SID.
 - ``rl_prompt``: the reasoning prompt; the response is the reference SID (``target_sid`` codes).
 """
@@ -48,7 +52,7 @@ from onerec_prod.sid.tokens import sid_to_text
 log = logging.getLogger(__name__)
 
 TASKS = (
-    "persona", "seqrec", "caption", "text2sid", "general_lm", "sid_rec", "reasoning", "rl_prompt",
+    "persona", "seqrec", "caption", "text2sid", "general_lm", "sid_rec", "sid_stream", "reasoning", "rl_prompt",
 )
 ALIGNMENT_TASKS = ("persona", "seqrec", "caption", "text2sid", "general_lm")
 PERSONA_TOP_CATEGORIES = 3
@@ -81,6 +85,7 @@ def rank_key(seed: int, dt: str, purpose: str, key: str) -> str:
 def _row(
     task: str, sid: str, messages: list[dict[str, str]], response: str, *, sid_version: str,
     dt: str, user_id: str | None = None, target: Item | None = None, event_id: str | None = None,
+    loss_from: int | None = None,
 ) -> Sample:
     return {
         "sample_id": sid,
@@ -93,6 +98,7 @@ def _row(
         "source_event_id": event_id,
         "sid_version": sid_version,
         "dt": dt,
+        "loss_from": loss_from,
     }
 
 
@@ -230,6 +236,41 @@ def build_persona_samples(
     return out
 
 
+def last_examples_per_user(examples: Iterable[Mapping[str, Any]]) -> list[tuple[Mapping[str, Any], int]]:
+    """``(last example, n_day)`` per user (sorted by user): the user's last example of the day by
+    ``(ts, event_id)`` and how many examples the user has that day (its items new on the day).
+    An example may carry ``n_day`` itself (the Spark path computes it with a window)."""
+    last: dict[str, Mapping[str, Any]] = {}
+    count: Counter = Counter()
+    for ex in sorted(examples, key=lambda e: (e["ts"], e["event_id"])):
+        last[ex["user_id"]] = ex
+        count[ex["user_id"]] += 1
+    return [(last[u], int(last[u].get("n_day") or count[u])) for u in sorted(last)]
+
+
+def build_stream_samples(
+    examples: Iterable[Mapping[str, Any]], items: Mapping[str, Item], *, dt: str, sid_version: str,
+    max_history: int,
+) -> list[Sample]:
+    """One ``sid_stream`` row per user of the day: the SIDs of the last ``max_history + 1`` items
+    through the user's last event of the day; the loss starts at the first item new on ``dt``
+    (never before item 1: the first item has no context). Users whose stream has a single item
+    (their first event ever) are skipped."""
+    from onerec_prod.samples.stream import STREAM_TASK, stream_text
+
+    out = []
+    for ex, n_day in last_examples_per_user(examples):
+        hist, target = resolve_example(ex, items, max_history)
+        stream = (hist + [target])[-(max_history + 1):]
+        if len(stream) < 2:
+            continue
+        loss_from = max(1, len(stream) - n_day)
+        out.append(_row(STREAM_TASK, sample_id(STREAM_TASK, ex["user_id"], dt), [], stream_text(
+            [it["sid"] for it in stream]), sid_version=sid_version, dt=dt, user_id=ex["user_id"],
+            target=target, event_id=ex["event_id"], loss_from=loss_from))
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # item tasks
 
@@ -350,6 +391,7 @@ def build_day_samples(
                                      purpose="general_lm")
     hk = {"dt": dt, "sid_version": sid_version, "max_history": c.max_history}
     out: list[Sample] = build_persona_samples(examples, items, **hk)
+    out += build_stream_samples(examples, items, **hk)
     out += build_example_samples(examples, items, rationale_source=rationale_source, **hk)
     out += build_item_samples(caption_items, general_items, dt=dt, sid_version=sid_version)
     ids = [s["sample_id"] for s in out]

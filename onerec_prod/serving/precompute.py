@@ -117,14 +117,19 @@ def rec_prompt_ids(
 ) -> list[int]:
     """Prompt ids ending right before ``<|sid_begin|>`` (the one builder of precompute and service).
 
-    ``think`` with a ``rationale`` renders the closed think block; ``think=False`` the empty one.
+    ``think`` with a ``rationale`` renders the reasoning chat prompt and the closed think block;
+    ``think=False`` the SID stream of the history (:mod:`onerec_prod.samples.stream`), as eval and
+    training do.
     """
     from onerec_prod.samples.prompts import inference_prompt_ids, rec_messages
+    from onerec_prod.samples.stream import stream_text
 
-    msgs = rec_messages(history, think=think, max_items=max_items)
     if think:
+        msgs = rec_messages(history, think=True, max_items=max_items)
         return inference_prompt_ids(tokenizer, msgs, think=True, rationale=rationale or "")
-    return inference_prompt_ids(tokenizer, msgs, think=False)
+    tail = list(history)[-max_items:] if max_items > 0 else []
+    text = stream_text([it["sid"] for it in tail])
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
 def history_items(item_ids: Iterable[str], items: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from onerec_prod.config import Config
 
 log = logging.getLogger(__name__)
 
-ROW_FIELDS = ("sample_id", "task", "messages", "response", "sid_version", "dt")
+ROW_FIELDS = ("sample_id", "task", "messages", "response", "sid_version", "dt", "loss_from")
 IGNORE_INDEX = -100
 
 
@@ -114,12 +114,26 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer, max_length: int,
                   tasks: Sequence[str] | None = None) -> list[dict[str, list[int]]]:
-    """``input_ids``/``labels`` per row (rows of other ``tasks`` are dropped)."""
+    """``input_ids``/``labels`` per row (rows of other ``tasks`` are dropped).
+
+    ``sid_stream`` rows render as the bare stream (loss on the codes of items >= ``loss_from``,
+    windowed to ``max_length`` from the left, oldest items first out); every other task through
+    the chat template (loss on the response).
+    """
     from onerec_prod.samples.prompts import messages_from_json, render_training_ids
+    from onerec_prod.samples.stream import STREAM_TASK, stream_training_ids
 
     out = []
     for r in rows:
         if tasks is not None and r["task"] not in tasks:
+            continue
+        if r["task"] == STREAM_TASK:
+            ids, labels = stream_training_ids(tokenizer, r["response"], int(r.get("loss_from") or 1))
+            if len(ids) > max_length:  # keep the newest items; cut at an item boundary
+                begin = ids[0]
+                cut = next((j for j in range(len(ids) - max_length, len(ids)) if ids[j] == begin), len(ids))
+                ids, labels = ids[cut:], labels[cut:]
+            out.append({"input_ids": ids, "labels": labels})
             continue
         msgs = r["messages"]
         msgs = messages_from_json(msgs) if isinstance(msgs, str) else msgs

@@ -62,6 +62,7 @@ def stage_names() -> list[str]:
 
 def load_stage(name: str) -> StageCfg:
     """Stage config ``name``; errors name the valid stages, fields and tasks."""
+    from onerec_prod.samples.stream import STREAM_TASK
     from onerec_prod.samples.templates import TEMPLATES
 
     path = STAGES_DIR / f"{name}.yaml"
@@ -73,10 +74,10 @@ def load_stage(name: str) -> StageCfg:
     except ValidationError as e:
         raise ConfigError(f"{path}: {e}") from None
     problems = []
-    bad_tasks = [t for t in stage.tasks if t not in TEMPLATES or t == "rl_prompt"]
+    trainable = [t for t in [*TEMPLATES, STREAM_TASK] if t != "rl_prompt"]
+    bad_tasks = [t for t in stage.tasks if t not in trainable]
     if bad_tasks:
-        problems.append(f"tasks: {bad_tasks} are not trainable tasks (valid: "
-                        f"{', '.join(t for t in TEMPLATES if t != 'rl_prompt')})")
+        problems.append(f"tasks: {bad_tasks} are not trainable tasks (valid: {', '.join(trainable)})")
     bad_keys = sorted(set(stage.train) - set(TrainCfg.model_fields))
     if bad_keys:
         problems.append(f"train: unknown TrainCfg keys {bad_keys} (valid: {', '.join(TrainCfg.model_fields)})")
@@ -95,8 +96,12 @@ def load_stage(name: str) -> StageCfg:
 
 def stage_train_cfg(tcfg: TrainCfg, stage: StageCfg) -> TrainCfg:
     """``tcfg`` with the stage's overrides applied (validated)."""
+    extra = dict(tcfg.stage_overrides.get(stage.name) or {})
+    bad = sorted(set(extra) - set(TrainCfg.model_fields) | ({"stage_overrides"} & set(extra)))
+    if bad:
+        raise ConfigError(f"train.stage_overrides.{stage.name}: unknown TrainCfg keys {bad}")
     try:
-        return TrainCfg.model_validate({**tcfg.model_dump(), **stage.train})
+        return TrainCfg.model_validate({**tcfg.model_dump(), **stage.train, **extra})
     except ValidationError as e:
         raise ConfigError(f"configs/train/{stage.name}.yaml train: {e}") from None
 
@@ -350,6 +355,7 @@ class SftRun:
         from transformers import PrinterCallback, TrainingArguments
         from transformers.utils import logging as hf_logging
 
+        from onerec_prod.model.dropout import DropoutRates, apply_dropout
         from onerec_prod.model.freeze import freeze_except_rows, no_decay_names
         from onerec_prod.model.io import load_model, load_tokenizer, weights_hash
         from onerec_prod.model.vocab import sid_token_ids
@@ -417,6 +423,8 @@ class SftRun:
         self.tokenizer = load_tokenizer(init_dir)
         model = load_model(init_dir, device="cpu", dtype=torch.float32)
         model.config.use_cache = False
+        m = self.cfg.model
+        apply_dropout(model, DropoutRates(m.attention_dropout, m.hidden_dropout, m.embedding_dropout))
         sizes = level_sizes(self.cfg.sid)
         new_ids = sid_token_ids(self.tokenizer, sizes)  # raises if the init dir lacks SID tokens
         mask = freeze_except_rows(model, new_ids) if self.stage.freeze_base else None

@@ -157,7 +157,7 @@ def test_export_training_mix(spark, lake, tmp_path):
     assert len(new) == 41 and {r["dt"] for r in new} == {D2}  # 50 samples minus 9 rl_prompt
     assert len(replay) == 21 and {r["dt"] for r in replay} == {D1}  # round(41 * 0.5), half up
     assert "rl_prompt" not in {r["task"] for r in rows}
-    assert set(rows[0]) == {"sample_id", "task", "messages", "response", "sid_version", "dt", "replay"}
+    assert set(rows[0]) == {"sample_id", "task", "messages", "response", "sid_version", "dt", "loss_from", "replay"}
     # the Spark selection equals the pure one on the same candidates
     cands = [r for r in _day_rows(spark, cfg, D1) if r["task"] != "rl_prompt"]
     pure = select_replay(cands, n_new=len(new), dt=D2, fraction=cfg.samples.replay_fraction,

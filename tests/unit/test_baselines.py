@@ -21,6 +21,11 @@ def test_run_baselines_mostpop_metrics():
     # ranking b, a, c: user 1 rank 1 (hit), user 2 rank 2
     assert got["recall@1"] == 0.5 and got["recall@2"] == 1.0
     assert got["ndcg@2"] == pytest.approx((1 + 1 / 1.5849625007211563) / 2)
+    # the 95% bootstrap interval over the 2 users brackets the mean
+    ci = got["intervals"]["recall@2"]
+    assert ci["n"] == 2 and ci["low"] <= ci["mean"] == 1.0 <= ci["high"]
+    r1 = got["intervals"]["recall@1"] if "recall@1" in got["intervals"] else None
+    assert r1 is None  # intervals are for the largest cutoff only
 
 
 def test_unknown_baseline_lists_valid_names():

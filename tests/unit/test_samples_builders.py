@@ -10,6 +10,7 @@ from onerec_prod.config import SamplesCfg
 from onerec_prod.samples import builders
 from onerec_prod.samples.prompts import messages_from_json
 from onerec_prod.samples.rationale import CategoryRationale
+from onerec_prod.samples.stream import parse_stream
 from onerec_prod.schemas import load_schema
 from onerec_prod.sid.tokens import parse_sids, sid_to_text
 
@@ -61,9 +62,10 @@ def _prompt_text(s):
 def test_every_task_is_built_with_the_schema_columns(examples, items):
     samples = _day(examples, items, new_item_ids=["f"])
     counts = {t: sum(s["task"] == t for s in samples) for t in builders.TASKS}
-    # 4 examples with history (e21 skipped); persona: u1 and u3; 3 caption items; 2 general items
+    # 4 examples with history (e21 skipped); persona: u1 and u3; 3 caption items; 2 general items;
+    # sid_stream: u1 and u3 (u2's stream is a single first-ever item: no target with context)
     assert counts == {"persona": 2, "seqrec": 4, "caption": 3, "text2sid": 3, "general_lm": 2,
-                      "sid_rec": 4, "reasoning": 4, "rl_prompt": 4}
+                      "sid_rec": 4, "sid_stream": 2, "reasoning": 4, "rl_prompt": 4}
     schema = load_schema("samples")
     for s in samples:
         assert list(s) == schema.column_names
@@ -99,6 +101,12 @@ def _assert_no_leak(samples, examples, items, max_history):
             continue
         ex = by_event[s["source_event_id"]]
         shown = ex["history"][-max_history:]
+        if s["task"] == "sid_stream":
+            # the stream ends at its source event (the user's last of the day): nothing after it
+            stream = (ex["history"] + [ex["target_item_id"]])[-(max_history + 1):]
+            assert parse_stream(s["response"]) == [items[i]["sid"] for i in stream]
+            assert s["messages"] == "[]"
+            continue
         prompt = _prompt_text(s)
         # the prompt shows exactly the history before the event, in order: nothing else
         assert parse_sids(prompt) == [items[i]["sid"] for i in shown], s["task"]
