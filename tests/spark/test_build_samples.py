@@ -10,6 +10,7 @@ from onerec_prod.config import load_config
 from onerec_prod.lake import read_table, table_path
 from onerec_prod.samples.builders import TASKS
 from onerec_prod.samples.mix import select_replay
+from onerec_prod.samples.stream import parse_stream
 
 D1, D2 = "2014-01-01", "2014-01-02"
 REPO_CFG = "configs/test.yaml"
@@ -99,7 +100,14 @@ def test_every_task_written_and_counted(spark, lake):
     per_task = {t: sum(r["task"] == t for r in rows) for t in TASKS}
     # 12 examples - 2 held out - 1 after a held-out event = 9; 4 users; 4 new items on D2
     assert per_task == {"persona": 4, "seqrec": 9, "caption": 4, "text2sid": 4, "general_lm": 2,
-                        "sid_rec": 9, "reasoning": 9, "rl_prompt": 9}
+                        "sid_rec": 9, "sid_stream": 4, "reasoning": 9, "rl_prompt": 9}
+    # one stream per user; its loss starts at the user's first kept item of the day
+    streams = {r["user_id"]: r for r in rows if r["task"] == "sid_stream"}
+    # u0, u3: 3 items before the day + 3 kept; u1: 3 + 2 (its last is held out); u2: 3 + 1 (held out
+    # its middle event, its later one dropped): the held-out events never enter a stream
+    assert {u: (len(parse_stream(r["response"])), r["loss_from"]) for u, r in streams.items()} == {
+        "u0": (6, 3), "u1": (5, 3), "u2": (4, 3), "u3": (6, 3)}
+    assert all(r["loss_from"] is None for r in rows if r["task"] != "sid_stream")
     assert {k: v for k, v in r2.counts.items() if k.startswith("samples:")} == {
         f"samples:{t}": n for t, n in per_task.items()}
     assert r2.counts["eval_excluded"] == 2 and r2.counts["dropped_after_eval_event"] == 1
@@ -154,8 +162,8 @@ def test_export_training_mix(spark, lake, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     new = [r for r in rows if not r["replay"]]
     replay = [r for r in rows if r["replay"]]
-    assert len(new) == 41 and {r["dt"] for r in new} == {D2}  # 50 samples minus 9 rl_prompt
-    assert len(replay) == 21 and {r["dt"] for r in replay} == {D1}  # round(41 * 0.5), half up
+    assert len(new) == 45 and {r["dt"] for r in new} == {D2}  # 54 samples minus 9 rl_prompt
+    assert len(replay) == 23 and {r["dt"] for r in replay} == {D1}  # round(45 * 0.5), half up
     assert "rl_prompt" not in {r["task"] for r in rows}
     assert set(rows[0]) == {"sample_id", "task", "messages", "response", "sid_version", "dt", "loss_from", "replay"}
     # the Spark selection equals the pure one on the same candidates
@@ -166,7 +174,7 @@ def test_export_training_mix(spark, lake, tmp_path):
     manifest = json.loads((tmp_path / "mix.jsonl.manifest.json").read_text())
     again = job.export_training_mix(spark, D2, cfg, tmp_path / "again.jsonl")
     assert again.read_bytes() == out.read_bytes()
-    assert manifest["rows"] == 62 and manifest["replay_rows"] == 21
+    assert manifest["rows"] == 68 and manifest["replay_rows"] == 23
 
 
 def test_catalog_problems_are_refused(spark, beauty_items, tiny_sids):
