@@ -181,12 +181,22 @@ def train_ours(cfg: Config, args, items, sids, sid_version, train_seqs, val_user
                  eval_every=b["eval_every"], dropout=DropoutRates(**b["dropout"]),
                  time_budget_s=args.train_minutes * 60 if args.train_minutes else None, seed=cfg.train.seed)
     res = fit_stream(model, rows, tok.pad_token_id, fit, validate)
+    refit = None
+    if args.refit:
+        # the selected number of epochs, from scratch, on s[:-1] (the validation item now trains;
+        # the test item still never does)
+        full = [v["history"] + [v["target"]] for v in args.all_val]
+        rows2 = stream_rows(full, sids, vocab, cfg.samples.max_history)
+        model = load_model(base, device="cpu", dtype="float32")
+        fit2 = FitCfg(**{**fit.__dict__, "max_epochs": res.best_epoch, "time_budget_s": None})
+        refit = asdict(fit_stream(model, rows2, tok.pad_token_id, fit2, None))
+        refit["rows"] = len(rows2)
     out_dir = work / "model-stream"
     save_model(model, tok, out_dir, {"stage": "bench_quality_stream", "parent": str(base), "dt": None,
                                      "sid_version": sid_version, "data_versions": {},
                                      "train": {k: v for k, v in asdict(res).items() if k != "history"}})
     info = {"rows": len(rows), "targets": n_targets, "params": sum(p.numel() for p in model.parameters()),
-            "fit": asdict(res), "tokens_per_s": round(res.tokens_per_s), "fit_cfg": b, "model_dir": str(out_dir),
+            "fit": asdict(res), "refit": refit, "tokens_per_s": round(res.tokens_per_s), "fit_cfg": b, "model_dir": str(out_dir),
             "targets_per_s": round(res.target_tokens / vocab.num_levels / max(res.seconds, 1e-9), 1)}
     del torch
     return model, ranker, info
@@ -260,6 +270,13 @@ def sasrec_job(args, items, train_seqs, val_users, users, threads: int | None):
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     sas, info = train_sasrec_grid(args, items, train_seqs, val_users)
+    if args.refit:  # the chosen setting and epoch count, from scratch, on s[:-1]
+        from onerec_prod.eval.sasrec import SasrecParams, train_sasrec
+
+        chosen = info["chosen"]
+        params = SasrecParams(**{**chosen["params"], "epochs": chosen["best_epoch"]})
+        sas = train_sasrec([v["history"] + [v["target"]] for v in args.all_val], params, items=sorted(items))
+        info["refit"] = {"epochs": chosen["best_epoch"], "seconds": round(time.perf_counter() - t0, 1)}
     info["seconds"] = round(time.perf_counter() - t0, 1)
     ranked = {"SASRec": sas.recommend([u["history"] for u in users], 10)}
     if args.exclude_history:
@@ -299,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sasrec-minutes", type=float, default=None, help="Time budget per SASRec grid point.")
     p.add_argument("--json", default=None, help="Write the results here too.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the user samples and the bootstrap.")
+    p.add_argument("--refit", action="store_true",
+                   help="After selecting epochs (and the SASRec setting) on the validation item, retrain each model "
+                        "from scratch on s[:-1] for the selected epochs before the test (the test item never trains).")
     p.add_argument("--parallel", action="store_true",
                    help="Train SASRec in a child process (1 thread) while ours trains (use --threads 1).")
     add_threads_arg(p)
@@ -322,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     items, seqs, data_key = load_sequences(args.dataset, work)
     train_seqs, val, test = split(seqs)
     val_users = sample_users(val, args.val_users, args.seed)
+    args.all_val = val
     users = sample_users(test, args.max_users, args.seed)
     phases["data"] = time.perf_counter() - t0
     log.info("%d items, %d users (%d scored), %d training interactions", len(items), len(test), len(users),
@@ -408,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         out.write(f"\nours: {o['params']} params, {o['rows']} stream rows, {o['targets']} targets; {f['epochs']} epochs "
                   f"({f['stopped']}), best epoch {f['best_epoch']} val R@10 {f['best_score']:.4f}; "
                   f"{o['tokens_per_s']} tokens/s, {o['targets_per_s']} targets/s; eval {o['eval_users_per_s']} users/s\n")
+    if results.get("ours", {}).get("refit"):
+        r = results["ours"]["refit"]
+        out.write(f"ours refit on s[:-1]: {r['epochs']} epochs, {r['rows']} rows, {r['seconds']:.0f}s\n")
+    if results.get("sasrec", {}).get("refit"):
+        out.write(f"SASRec refit on s[:-1]: {results['sasrec']['refit']['epochs']} epochs\n")
     out.write("phases (s): " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items())
               + f"; total {results['total_seconds']:.0f}\n")
     if args.json:

@@ -17,12 +17,15 @@ from onerec_prod.train.sft import (
 
 def test_every_stage_yaml_validates():
     names = stage_names()
-    assert {"warmup", "align", "reasoning", "incremental", "bootstrap"} <= set(names)
+    assert {"warmup", "stream", "align", "reasoning", "incremental", "bootstrap"} <= set(names)
     for name in names:
         stage = load_stage(name)
         assert stage.chain or stage.tasks
     assert load_stage("warmup").freeze_base and not load_stage("incremental").full_retrain
-    assert load_stage("bootstrap").chain == ["warmup", "align", "reasoning"]
+    assert load_stage("bootstrap").chain == ["warmup", "stream", "align", "reasoning"]
+    assert load_stage("stream").tasks == ["sid_stream"]
+    # the recommendation task's stream form stays in every later mix (no forgetting)
+    assert all("sid_stream" in load_stage(n).tasks for n in ("align", "reasoning", "incremental"))
 
 
 def test_unknown_stage_and_bad_override(make_cfg):
@@ -31,6 +34,11 @@ def test_unknown_stage_and_bad_override(make_cfg):
     stage = load_stage("warmup")
     t = stage_train_cfg(make_cfg().train, stage)
     assert t.weight_decay == 0.0 and t.lr == stage.train["lr"]
+    # train.stage_overrides apply after the stage file; unknown keys are refused
+    over = stage_train_cfg(make_cfg("train.stage_overrides={warmup: {lr: 0.5, max_steps: 7}}").train, stage)
+    assert over.lr == 0.5 and over.max_steps == 7 and over.weight_decay == 0.0
+    with pytest.raises(ConfigError, match="unknown TrainCfg keys"):
+        stage_train_cfg(make_cfg("train.stage_overrides={warmup: {nope: 1}}").train, stage)
 
 
 @pytest.mark.parametrize("zero", [1, 2, 3])
