@@ -202,6 +202,20 @@ def train_ours(cfg: Config, args, items, sids, sid_version, train_seqs, val_user
     return model, ranker, info
 
 
+def load_ours(cfg: Config, args, items, sids):
+    """A model trained earlier by this bench (``--model DIR``): evaluate only."""
+    from onerec_prod.eval.api import build_catalog_trie
+    from onerec_prod.model.io import load_model, load_tokenizer, read_meta
+    from onerec_prod.sid.tokens import SidVocab, level_sizes
+
+    tok, model = load_tokenizer(args.model), load_model(args.model, device="cpu", dtype="float32")
+    vocab = SidVocab.from_tokenizer(tok, level_sizes(cfg.sid))
+    trie, row_items = build_catalog_trie([dict(it, sid=sids[i]) for i, it in items.items()], level_sizes(cfg.sid))
+    ranker = StreamRanker(sids, vocab, trie, row_items, args.beam, cfg.eval.batch_size, cfg.samples.max_history)
+    return model, ranker, {"model_dir": args.model, "params": sum(p.numel() for p in model.parameters()),
+                           "train": read_meta(args.model).get("train")}
+
+
 # --------------------------------------------------------------------------------------
 # SASRec with a small grid, early stopping on the validation item
 
@@ -314,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sasrec", default="{}", help="JSON overrides of the SASRec settings: " + json.dumps(DEFAULT_SASREC))
     p.add_argument("--sasrec-grid", default=None, help='Grid, e.g. "dim=64,256;dropout=0.2,0.5" (best on validation).')
     p.add_argument("--sasrec-minutes", type=float, default=None, help="Time budget per SASRec grid point.")
+    p.add_argument("--model", default=None, help="Evaluate this model dir (trained earlier by this bench) instead of training.")
     p.add_argument("--json", default=None, help="Write the results here too.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the user samples and the bootstrap.")
     p.add_argument("--refit", action="store_true",
@@ -377,7 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         if dup:
             raise SystemExit(f"SIDs are not unique: {dup} duplicates")
         t0 = time.perf_counter()
-        model, ranker, results["ours"] = train_ours(cfg, args, items, sids, sid_version, train_seqs, val_users, work)
+        if args.model:
+            model, ranker, results["ours"] = load_ours(cfg, args, items, sids)
+        else:
+            model, ranker, results["ours"] = train_ours(cfg, args, items, sids, sid_version, train_seqs, val_users,
+                                                        work)
         phases["ours_train"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         ranked["ours (SID stream)"] = ranker.rank(model, [u["history"] for u in users])
@@ -424,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             out.write(f"  {g['setting'] or 'default'}: val {g['val_recall@10']:.4f}, best epoch {g['best_epoch']} "
                       f"of {g['epochs_run']}, {g['seconds']:.0f}s\n")
         out.write(f"  chosen: {results['sasrec']['chosen']['params']}\n")
-    if "ours" in results:
+    if "ours" in results and "fit" in results["ours"]:
         o, f = results["ours"], results["ours"]["fit"]
         out.write(f"\nours: {o['params']} params, {o['rows']} stream rows, {o['targets']} targets; {f['epochs']} epochs "
                   f"({f['stopped']}), best epoch {f['best_epoch']} val R@10 {f['best_score']:.4f}; "
