@@ -680,35 +680,43 @@ def create_app(
         finally:
             in_flight.leave()
 
+    async def run_admitted(state: ServingState, body, deadline: float) -> dict[str, Any]:
+        """Compute on a worker thread (the slot is taken); DeadlineExceeded when it is not done in time."""
+        try:
+            fut = executor.submit(compute, state, body, deadline)
+        except RuntimeError:  # shutting down
+            in_flight.leave()
+            raise DeadlineExceeded("shutting down") from None
+        # asyncio.wait never cancels the future: a started computation always reaches in_flight.leave()
+        wrapped = asyncio.wrap_future(fut)
+        wrapped.add_done_callback(lambda f: f.cancelled() or f.exception())  # late results: retrieved, dropped
+        await asyncio.wait({wrapped}, timeout=max(0.0, deadline - time.monotonic()))
+        if not wrapped.done():
+            raise DeadlineExceeded(f"not done within {scfg.request_timeout_s}s")
+        return wrapped.result()
+
     async def recommend_endpoint(body):
         t0 = time.perf_counter()
         deadline = time.monotonic() + scfg.request_timeout_s
         state = watcher.state  # read once: this request finishes on this state
         if state is None:
             return JSONResponse(status_code=503, content={"error": "no model loaded yet; retry later"})
-        if not in_flight.try_enter():
+        if not body.events and body.user_id not in state.users and state.popular:
+            # unknown user: a slice of a precomputed list, answered inline; takes no model slot
+            out = recommend(state, body.user_id, [], body.k or scfg.top_n, scfg.top_n)
+        elif not in_flight.try_enter():
             metrics.count("shed")
             return JSONResponse(status_code=503, headers={"Retry-After": "1"}, content={
                 "error": f"overloaded: {scfg.max_in_flight} requests in flight (serving.max_in_flight); retry later"})
-        try:
-            fut = executor.submit(compute, state, body, deadline)
-        except RuntimeError:  # shutting down
-            in_flight.leave()
-            return JSONResponse(status_code=503, content={"error": "shutting down"})
-        # asyncio.wait never cancels the future: a started computation always reaches in_flight.leave()
-        wrapped = asyncio.wrap_future(fut)
-        wrapped.add_done_callback(lambda f: f.cancelled() or f.exception())  # late results: retrieved, dropped
-        await asyncio.wait({wrapped}, timeout=max(0.0, deadline - time.monotonic()))
-        try:
-            if not wrapped.done():
-                raise DeadlineExceeded
-            out = wrapped.result()
-        except DeadlineExceeded:
-            metrics.count("timeouts")
-            return JSONResponse(status_code=504, content={
-                "error": f"deadline of {scfg.request_timeout_s}s exceeded (serving.request_timeout_s)"})
-        except UnknownItems as e:
-            return JSONResponse(status_code=422, content={"error": str(e)})
+        else:
+            try:
+                out = await run_admitted(state, body, deadline)
+            except DeadlineExceeded:
+                metrics.count("timeouts")
+                return JSONResponse(status_code=504, content={
+                    "error": f"deadline of {scfg.request_timeout_s}s exceeded (serving.request_timeout_s)"})
+            except UnknownItems as e:
+                return JSONResponse(status_code=422, content={"error": str(e)})
         elapsed = time.perf_counter() - t0
         metrics.observe(out["path"], out["fallback_reason"], elapsed)
         out["latency_ms"] = round(elapsed * 1000.0, 3)

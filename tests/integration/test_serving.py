@@ -441,6 +441,8 @@ def test_in_flight_limit_deadline_and_cheap_unknown_users(tmp_path, served, cata
                 time.sleep(0.01)
             r = c.post("/recommend", json=fresh)
             assert r.status_code == 503 and "max_in_flight" in r.json()["error"] and r.headers["retry-after"]
+            # unknown users take no slot: still answered while the model's slots are all taken
+            assert c.post("/recommend", json={"user_id": "another-stranger"}).json()["path"] == "fallback"
             for th in threads:
                 th.join(30)
             assert results == [504, 504]
