@@ -410,10 +410,19 @@ def default_resolver(cfg: Config, *, model_dir: str | Path | None, model_version
         pinned = (model_version or local_version(model_dir), Path(model_dir))
         return lambda: pinned
 
-    def champion() -> tuple[str, Path] | None:
-        from onerec_prod.registry.registry import champion as registry_champion
+    verified: dict[str, Path] = {}
 
-        return registry_champion(cfg)
+    def champion() -> tuple[str, Path] | None:
+        """The alias each poll; the files (hash-verified by ``version_dir``) once per version change."""
+        from onerec_prod.registry import registry
+
+        version = registry.aliases(cfg).get(registry.CHAMPION)
+        if version is None:
+            return None
+        if version not in verified:
+            verified.clear()
+            verified[version] = registry.version_dir(cfg, version)
+        return version, verified[version]
 
     if follow_champion:
         return champion

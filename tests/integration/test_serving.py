@@ -284,28 +284,65 @@ def test_not_ready_without_a_champion(served):
         assert "onerec_ready 0" in c.get("/metrics").text
 
 
+def perturbed_model_dir(src: Path, dst: Path, seed: int) -> Path:
+    """A copy of the tiny model with different weights (every float tensor plus seeded noise)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    make_model_dir(src, dst)
+    gen = torch.Generator().manual_seed(seed)
+    for f in dst.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        for name, t in tensors.items():
+            if t.is_floating_point():
+                tensors[name] = (t.float() + 0.5 * torch.randn(t.shape, generator=gen)).to(t.dtype)
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    return dst
+
+
+def loaded_weights_hash(model) -> str:
+    """sha256 over the tensors of a model in memory: what serving actually computes with."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode() + b"\0" + t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def test_follows_champion_without_downtime(tmp_path, tiny_model_dir, catalog, histories):
-    """Real registry: champion 1 -> 2 while requests run; then version 2's export is picked up."""
+    """Real registry, two models with different weights: champion 1 -> 2 while requests run (the
+    answers change), version 2's export is picked up, then a rollback 2 -> 1 in the running
+    service restores version 1's exact weights (by tensor hash) and its exact answers."""
     import httpx
 
+    from onerec_prod.model.io import load_model
     from onerec_prod.registry import registry
     from onerec_prod.serving.precompute import precompute
     from onerec_prod.serving.service import create_app
 
     cfg = load_cfg(tmp_path, "serving.reload_interval_s=0.2")
     m1 = make_model_dir(tiny_model_dir, tmp_path / "cand1")
-    m2 = make_model_dir(tiny_model_dir, tmp_path / "cand2")
+    m2 = perturbed_model_dir(tiny_model_dir, tmp_path / "cand2", seed=7)
+    assert registry.weights_hash(m1) != registry.weights_hash(m2)
     v1 = registry.register(cfg, m1, "2014-01-04", {"sid_version": SID_VERSION})
     v2 = registry.register(cfg, m2, DT, {"sid_version": SID_VERSION})
     assert v1 != v2
     registry.promote(cfg, v1, force=True, reason="test")
     ver, d1 = registry.champion(cfg)
     precompute(cfg, DT, d1, ver, histories=histories, catalog=catalog, write_table=False)
+    fresh = {"user_id": "u1", "events": [catalog[3]["item_id"], catalog[5]["item_id"]]}
+
+    def answer(c) -> tuple[str, list]:
+        body = c.post("/recommend", json=fresh).json()
+        return body["model_version"], [(it["item_id"], it["score"]) for it in body["items"]]
 
     app = create_app(cfg)  # the default: follow models:/onerec@champion
     with http_server(app) as url, httpx.Client(base_url=url, timeout=30) as c:
         wait_for(c, lambda h: h["model_version"] == v1 and h["prefixes_current"])
         assert c.post("/recommend", json={"user_id": "u1"}).json()["path"] == "prefix"
+        before = answer(c)
+        assert before[0] == v1 and before[1]
 
         seen, errors, stop = [], [], threading.Event()
 
@@ -327,6 +364,8 @@ def test_follows_champion_without_downtime(tmp_path, tiny_model_dir, catalog, hi
             th.join(30)
         assert not errors, errors
         assert seen[0] == v1 and seen[-1] == v2 and set(seen) == {v1, v2}
+        after = answer(c)
+        assert after[0] == v2 and after[1] != before[1], "other weights, same answers: the swap is not proven"
 
         # no export for v2 yet: stale -> fallback; after its precompute: prefix path again
         assert c.post("/recommend", json={"user_id": "u1"}).json()["path"] == "fallback"
@@ -336,6 +375,14 @@ def test_follows_champion_without_downtime(tmp_path, tiny_model_dir, catalog, hi
         body = c.post("/recommend", json={"user_id": "u1"}).json()
         assert body["path"] == "prefix" and body["model_version"] == v2
         assert "onerec_model_reloads_total 3" in c.get("/metrics").text
+
+        # rollback 2 -> 1 while serving: the weights in memory are version 1's, tensor for tensor
+        assert registry.rollback(cfg)["champion"] == v1
+        wait_for(c, lambda h: h["model_version"] == v1 and h["prefixes_current"])
+        served_model = app.state.watcher.state.backend.model
+        assert loaded_weights_hash(served_model) == loaded_weights_hash(load_model(m1))
+        assert loaded_weights_hash(served_model) != loaded_weights_hash(load_model(m2))
+        assert answer(c) == before
 
 
 # --------------------------------------------------------------------------------------

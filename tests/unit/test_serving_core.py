@@ -209,11 +209,14 @@ def test_resolvers_pinned_following_and_once(monkeypatch, tmp_path):
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "test.yaml",
                       [f"paths.var_root={tmp_path}"], environ={})
-    answers = iter([("1", tmp_path / "v1"), ("2", tmp_path / "v2")])
-    monkeypatch.setattr(registry, "champion", lambda c: next(answers))
+    answers = iter(["1", "1", "2"])
+    fetched = []
+    monkeypatch.setattr(registry, "aliases", lambda c: {"champion": next(answers)})
+    monkeypatch.setattr(registry, "version_dir", lambda c, v: fetched.append(v) or tmp_path / f"v{v}")
     follow = default_resolver(cfg, model_dir=None, model_version=None, follow_champion=True)
-    assert [follow()[0], follow()[0]] == ["1", "2"]
-    answers = iter([("5", tmp_path / "v5"), ("6", tmp_path / "v6")])
+    assert [follow(), follow(), follow()] == [("1", tmp_path / "v1"), ("1", tmp_path / "v1"), ("2", tmp_path / "v2")]
+    assert fetched == ["1", "2"]  # files fetched and hash-checked once per version change
+    answers = iter(["5", "6"])
     once = default_resolver(cfg, model_dir=None, model_version=None, follow_champion=False)
     assert [once()[0], once()[0]] == ["5", "5"]
     (tmp_path / "m").mkdir()
