@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
                         help="Day YYYY-MM-DD (repeat for several days, run in the given order).")
     parser.add_argument("--no-sids", action="store_true", help="update_catalog: leave new SIDs null.")
     parser.add_argument("--force", action="store_true",
-                        help="ingest_events: replace a day even if its landing partition now has fewer lines.")
+                        help="ingest_events / build_sequences: replace a day even with fewer lines / no events.")
 
 
 def main(args, cfg) -> int:
@@ -46,7 +46,7 @@ def main(args, cfg) -> int:
     for dt in dates:
         for name in names:
             kwargs = {"assign_sids": False} if name == "update_catalog" and args.no_sids else {}
-            if name == "ingest_events" and getattr(args, "force", False):
+            if name in ("ingest_events", "build_sequences") and getattr(args, "force", False):
                 kwargs["force"] = True
             try:
                 result = run_job(spark, name, dt, cfg, **kwargs)

@@ -186,6 +186,22 @@ def test_item_feed_loses_nothing_and_a_rerun_never_shrinks_a_day(spark, make_cfg
     forced = ingest(spark, dt, cfg, force=True)
     assert day_rows() == (5, 0) and forced.counts["events_written"] == 5
 
+    # build_sequences on a day whose events are gone keeps the day's examples
+    from jobs.build_sequences import run as build_sequences
+
+    def examples():
+        return read_table(spark, table_path(cfg, "examples")).where(f"dt = '{dt}'").count()
+
+    assert build_sequences(spark, dt, cfg).counts["examples_written"] == 5 and examples() == 5
+    (Path(cfg.paths.raw) / "events" / f"dt={dt}" / "part-0000.jsonl").write_text("")
+    ingest(spark, dt, cfg, force=True)
+    assert day_rows() == (0, 0)
+    with pytest.raises(ShrinkRefused, match="examples already holds 5 rows"):
+        build_sequences(spark, dt, cfg)
+    assert examples() == 5
+    build_sequences(spark, dt, cfg, force=True)
+    assert examples() == 0
+
 
 def test_unknown_item_is_quarantined_not_dropped(lakes):
     snap = lakes["first"]
