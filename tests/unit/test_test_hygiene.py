@@ -12,7 +12,7 @@ OWN = r"(onerec_prod|jobs|dags|bench)"
 def test_no_test_skips_on_the_projects_own_modules():
     patterns = [
         re.compile(rf"importorskip\(\s*['\"]{OWN}[.'\"]"),  # importorskip("onerec_prod.x")
-        re.compile(rf"except\s+(ImportError|ModuleNotFoundError)\b[^\n]*:\s*\n\s*pytest\.skip"),
+        re.compile(r"except\s+(ImportError|ModuleNotFoundError)\b[^\n]*:\s*\n\s*pytest\.skip"),
     ]
     imports_own = re.compile(rf"^\s*(from|import)\s+{OWN}\b", re.M)
     found = []
