@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 
-from jobs.common import check_date, delta_version, log_result, merge_metrics, read_or_empty
+from jobs.common import ShrinkRefused, check_date, delta_version, log_result, merge_metrics, read_or_empty
 from onerec_prod.config import Config
 from onerec_prod.lake import JobResult, create_if_absent, overwrite_partition, table_path
 
@@ -107,8 +107,13 @@ def merge_user_history(spark, path: str, state) -> dict[str, int]:
     return {"users_inserted": m["inserted"], "users_updated": m["updated"]}
 
 
-def run(spark, dt: str, cfg: Config) -> JobResult:
-    """Build day ``dt``'s examples and MERGE its user histories."""
+def run(spark, dt: str, cfg: Config, force: bool = False) -> JobResult:
+    """Build day ``dt``'s examples and MERGE its user histories.
+
+    A day with no events never replaces examples the day already has with an empty partition
+    (the events were lost, or ingest has not run): :class:`jobs.common.ShrinkRefused`, unless
+    ``force``. A day with no events and no examples writes nothing.
+    """
     from pyspark.sql import functions as F
 
     check_date(dt)
@@ -123,6 +128,18 @@ def run(spark, dt: str, cfg: Config) -> JobResult:
         n_users = day_events.select("user_id").distinct().count()
         if n_events == 0:
             log.warning("%s dt=%s: no events for the day (did ingest_events run?)", JOB, dt)
+            held, _ = read_or_empty(spark, cfg, "examples")
+            n_held = held.where(F.col("dt") == dt).count()
+            if n_held and not force:
+                raise ShrinkRefused(
+                    f"{JOB} dt={dt}: no events for the day, but examples already holds {n_held} rows for it; "
+                    "refusing to replace them with an empty partition. Rerun ingest_events for the day, or "
+                    "rerun with --force to empty it.")
+            if not n_held:
+                result.counts = {"events_read": 0, "examples_written": 0, "users": 0}
+                result.read_versions = {"events": ev_version}
+                log_result(result)
+                return result
         # the one expensive step (all earlier events); cached so both outputs reuse it
         pre = transform_prior_histories(events.where(F.col("dt") < dt).select(*cols), day_events, h).cache()
         examples, state = transform_sequences(day_events, pre, h, dt)

@@ -7,6 +7,7 @@ Every job is ``run(spark, dt, cfg) -> JobResult`` plus pure ``transform_*`` func
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
@@ -157,6 +158,10 @@ def exists(spark, cfg: Config, name: str) -> bool:
     return table_exists(spark, table_path(cfg, name))
 
 
+class ShrinkRefused(RuntimeError):
+    """A rerun would replace an ingested day with fewer lines than it holds (needs ``--force``)."""
+
+
 def job_main(name: str, run: Callable, argv: list[str] | None = None) -> int:
     """``spark-submit jobs/<name>.py --date D [--config FILE] [--set k=v ...]``: run and print JSON."""
     from onerec_prod.config import load_config
@@ -167,9 +172,17 @@ def job_main(name: str, run: Callable, argv: list[str] | None = None) -> int:
     p.add_argument("--date", required=True, help="Day YYYY-MM-DD.")
     p.add_argument("--config", default=None, help="Config YAML (default configs/local.yaml).")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Config override.")
+    if "force" in inspect.signature(run).parameters:
+        p.add_argument("--force", action="store_true",
+                       help="Replace the day even if the landing partition now has fewer lines than it holds.")
     args = p.parse_args(argv)
     setup_logging("INFO")
     cfg = load_config(args.config, args.set)
-    result = run(get_spark(cfg.spark), check_date(args.date), cfg)
+    kwargs = {"force": True} if getattr(args, "force", False) else {}
+    try:
+        result = run(get_spark(cfg.spark), check_date(args.date), cfg, **kwargs)
+    except ShrinkRefused as e:
+        sys.stderr.write(f"{e}\n")
+        return 3
     sys.stdout.write(json.dumps(result.to_dict(), sort_keys=True) + "\n")
     return 0

@@ -16,6 +16,11 @@ Reasons, first failing wins, in this order: ``malformed_json``; ``missing_field:
   that the earlier day also holds: the job reports ``later_days`` so that those days are rerun
   (a date-ordered backfill does this).
 * Both writes are ``replaceWhere dt = D``: a rerun replaces the day, never appends.
+* A rerun never shrinks a day silently: when the landing partition now has fewer lines than the
+  day's rows in ``events`` + ``events_quarantine`` (a truncated or expired landing partition),
+  the job refuses (:class:`jobs.common.ShrinkRefused`, naming the counts) unless ``force``.
+* ``events_written`` and ``quarantine_rows`` are counted in the written Delta versions, not
+  derived from the line count; if they do not add up to ``lines_read`` the job fails.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import logging
 
 from jobs.common import (
+    ShrinkRefused,
     check_date,
     day_end_ts,
     log_result,
@@ -143,8 +149,19 @@ def known_items(spark, cfg: Config, dt: str):
     return ids, version
 
 
-def run(spark, dt: str, cfg: Config) -> JobResult:
-    """Validate and land day ``dt``; returns counts and the Delta versions read and written."""
+def partition_rows(spark, path: str, version: int, dt: str) -> int:
+    """Rows of partition ``dt`` in version ``version`` of the table at ``path``."""
+    from onerec_prod.lake import read_table
+
+    return read_table(spark, path, version).where(f"dt = '{dt}'").count()
+
+
+def run(spark, dt: str, cfg: Config, force: bool = False) -> JobResult:
+    """Validate and land day ``dt``; returns counts and the Delta versions read and written.
+
+    Raises :class:`ShrinkRefused` when the landing partition has fewer lines than the day already
+    holds, unless ``force``.
+    """
     from pyspark.sql import functions as F
 
     check_date(dt)
@@ -159,19 +176,35 @@ def run(spark, dt: str, cfg: Config) -> JobResult:
         good, bad = transform_split_events(resolved, dt)
         n_lines, counts = reason_counts(resolved, JOB)
         n_bad = sum(counts.values())
+        quarantine, _ = read_or_empty(spark, cfg, "events_quarantine")
+        held_events = events.where(F.col("dt") == dt).count()
+        held_bad = quarantine.where(F.col("dt") == dt).count()
+        if held_events + held_bad > n_lines:
+            msg = (f"{JOB} dt={dt}: the landing partition has {n_lines} lines but the day already holds "
+                   f"{held_events} events + {held_bad} quarantined = {held_events + held_bad} lines; "
+                   "a rerun would shrink the day (truncated or expired landing data?)")
+            if not force:
+                raise ShrinkRefused(msg + ". Restore the landing partition, or rerun with --force to "
+                                    "replace the day with what landed now.")
+            log.warning("%s; replacing it anyway (--force)", msg)
         ev_written = overwrite_partition(good.coalesce(1), spark, table_path(cfg, "events"), "events",
                                          {"dt": dt})
         q_written = overwrite_partition(bad.coalesce(1), spark, table_path(cfg, "events_quarantine"),
                                         "events_quarantine", {"dt": dt})
     finally:
         resolved.unpersist()
+    ev_rows = partition_rows(spark, table_path(cfg, "events"), ev_written, dt)
+    q_rows = partition_rows(spark, table_path(cfg, "events_quarantine"), q_written, dt)
+    if ev_rows + q_rows != n_lines or q_rows != n_bad:
+        raise RuntimeError(f"{JOB} dt={dt}: {n_lines} lines read but the tables hold {ev_rows} events + "
+                           f"{q_rows} quarantined (expected {n_bad}) for the day: rerun the day")
     later = sorted(r["dt"] for r in events.where(F.col("dt") > dt).select("dt").distinct().collect())
     if later:
         log.warning("%s dt=%s: later days %s are already ingested; if this run changed day %s, rerun "
                     "ingest_events and build_sequences for them in date order", JOB, dt,
                     ", ".join(later[:5]) + (" ..." if len(later) > 5 else ""), dt)
-    result.counts = {"lines_read": n_lines, "events_written": n_lines - n_bad, "quarantined": n_bad,
-                     **counts, "later_days": len(later)}
+    result.counts = {"lines_read": n_lines, "events_written": ev_rows, "quarantined": n_bad,
+                     "quarantine_rows": q_rows, **counts, "later_days": len(later)}
     result.read_versions = {"catalog": cat_version, "events": ev_version}
     result.written_versions = {"events": ev_written, "events_quarantine": q_written}
     log_result(result)

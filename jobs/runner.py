@@ -28,10 +28,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--date", required=True, action="append",
                         help="Day YYYY-MM-DD (repeat for several days, run in the given order).")
     parser.add_argument("--no-sids", action="store_true", help="update_catalog: leave new SIDs null.")
+    parser.add_argument("--force", action="store_true",
+                        help="ingest_events / build_sequences: replace a day even with fewer lines / no events.")
 
 
 def main(args, cfg) -> int:
-    from jobs.common import check_date
+    from jobs.common import ShrinkRefused, check_date
     from onerec_prod.spark import get_spark
 
     try:
@@ -44,8 +46,13 @@ def main(args, cfg) -> int:
     for dt in dates:
         for name in names:
             kwargs = {"assign_sids": False} if name == "update_catalog" and args.no_sids else {}
+            if name in ("ingest_events", "build_sequences") and getattr(args, "force", False):
+                kwargs["force"] = True
             try:
                 result = run_job(spark, name, dt, cfg, **kwargs)
+            except ShrinkRefused as e:
+                print(f"job {name} dt={dt}: {e}")
+                return 3
             except FileNotFoundError as e:
                 print(f"job {name} dt={dt}: {e}")
                 return 1

@@ -344,6 +344,22 @@ class ServingCfg(_Group):
     batch_size: int = Field(16, ge=1, description="Prompts per beam-search batch in precompute.")
     max_events: int = Field(64, ge=1, description="Most fresh events accepted in one request.")
     device: str = Field("cpu", description="Torch device of the hf backend (cpu, cuda).")
+    auth: Literal["token", "none"] = Field(
+        "token",
+        description="token: /recommend and /metrics need `Authorization: Bearer <token>`, the token read "
+        "from serving.token_file (a mounted secret); none: no authentication, allowed only on a "
+        "loopback host outside the cluster, and only when a config says so explicitly.",
+    )
+    token_file: str | None = Field(
+        None, description="File holding the bearer token (re-read when it changes); required with auth=token."
+    )
+    max_in_flight: int = Field(
+        4, ge=1, description="Requests computed at once; beyond that /recommend answers 503 at once (shed)."
+    )
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="Per-request deadline: past it /recommend answers 504 and queued work is dropped."
+    )
+    openapi: bool = Field(False, description="Serve /openapi.json and /docs (off: they describe the API to anyone).")
 
 
 class AirflowCfg(_Group):
@@ -419,6 +435,14 @@ class Config(_Group):
             problems.append(
                 f"serving.prefix_levels: {self.serving.prefix_levels} exceeds the "
                 f"{self.sid.num_levels} SID levels"
+            )
+        if self.serving.auth == "none" and (
+            self.env == "cluster" or self.serving.host not in ("127.0.0.1", "localhost", "::1")
+        ):
+            problems.append(
+                f"serving.auth: 'none' is allowed only on a loopback host outside the cluster "
+                f"(env={self.env}, serving.host={self.serving.host}); set serving.auth=token and "
+                "serving.token_file"
             )
         if self.eval.ks and max(self.eval.ks) > self.eval.beam_size:
             problems.append(

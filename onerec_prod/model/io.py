@@ -92,13 +92,42 @@ def weights_hash(model_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+def _exchange_dirs(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported.
+
+    With it, replacing a model dir is one system call: a reader (serving, a resumed trainer) sees
+    the whole old model or the whole new one, never no model.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL / ENOSYS / EOPNOTSUPP: this filesystem or kernel cannot
+        return False
+    raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(err)}")
+
+
 def save_model(model, tokenizer, model_dir: str | Path, meta: dict[str, Any], *,
                state_dict: dict | None = None) -> Path:
     """Write ``model`` + ``tokenizer`` + ``onerec_meta.json`` to ``model_dir`` atomically.
 
     Tied weights are written once (HF handles the tie). ``meta`` gets ``weights_sha256`` added.
-    An existing ``model_dir`` is replaced as a whole. ``state_dict`` (e.g. gathered from ZeRO-3
-    partitions) replaces the model's own tensors.
+    An existing ``model_dir`` is replaced as a whole, in one atomic exchange where the OS has one
+    (Linux): there is no moment without a complete model at ``model_dir``. Elsewhere it falls
+    back to two renames. ``state_dict`` (e.g. gathered from ZeRO-3 partitions) replaces the
+    model's own tensors.
     """
     model_dir = Path(model_dir)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -112,13 +141,16 @@ def save_model(model, tokenizer, model_dir: str | Path, meta: dict[str, Any], *,
         full = dict(meta)
         full["weights_sha256"] = weights_hash(tmp)
         (tmp / META_FILE).write_text(json.dumps(full, indent=2, sort_keys=True, default=str) + "\n")
-        old = None
-        if model_dir.exists():
-            old = model_dir.parent / f".{model_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(model_dir, old)
-        os.replace(tmp, model_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if model_dir.exists() and _exchange_dirs(tmp, model_dir):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old model
+        else:
+            old = None
+            if model_dir.exists():
+                old = model_dir.parent / f".{model_dir.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(model_dir, old)
+            os.replace(tmp, model_dir)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -69,6 +69,11 @@ def gate_and_register(
     if "metrics" not in report:
         raise ValueError("eval report has no 'metrics' (expected the JSON of `onerec-prod eval`)")
     champ_version = registry.aliases(cfg).get(registry.CHAMPION)
+    evaluated_against = report.get("champion_version")
+    if report.get("champion_metrics") and evaluated_against is not None and str(evaluated_against) != str(champ_version):
+        raise registry.RegistryError(
+            f"the eval report compared with champion version {evaluated_against}, but the champion is now "
+            f"{champ_version}: rerun evaluate so the gate compares with the serving champion")
     version = registry.register(cfg, model_dir, dt, lineage)
 
     cand = _numeric(report["metrics"])

@@ -312,6 +312,12 @@ def promote(
                         f"{name} version {target} was rolled back at {mv.tags.get('rolled_back_at')}; "
                         "use --force --reason TEXT to promote it again"
                     )
+                gated_against = (_loads(mv.tags.get("gate")) or {}).get("champion_version")
+                if al.get(CHAMPION) not in (gated_against, target):
+                    raise GateNotPassedError(
+                        f"{name} version {target} was gated against champion {gated_against} but the "
+                        f"champion is now {al.get(CHAMPION)}: re-evaluate and gate it, or --force --reason TEXT"
+                    )
             old = al.get(CHAMPION)
             if old == target:
                 log.info("%s version %s is already champion", name, target)
@@ -362,13 +368,15 @@ def rollback(cfg: Config, *, actor: str | None = None, reason: str | None = None
         if cur == prev:  # an interrupted promote/rollback: champion is already previous
             c.delete_registered_model_alias(name, PREVIOUS)
             return {"champion": cur, "rolled_back": None, "previous": None, "changed": False}
-        c.set_registered_model_alias(name, CHAMPION, prev)
-        c.delete_registered_model_alias(name, PREVIOUS)
         event = {"at": _now(), "actor": actor, "reason": reason or "", "rolled_back": cur, "champion": prev}
+        # tag the bad version first: a crash before the alias moves leaves it marked (no automatic
+        # promote picks it again) and still champion; rerunning the rollback finishes the job
         if cur is not None:
             for k, v in {"rolled_back": "true", "rolled_back_at": event["at"], "rolled_back_by": actor,
                          "rolled_back_to": prev}.items():
                 c.set_model_version_tag(name, cur, k, v)
+        c.set_registered_model_alias(name, CHAMPION, prev)
+        c.delete_registered_model_alias(name, PREVIOUS)
     log.warning("rolled back %s: champion %s -> %s (by %s)", name, cur, prev, actor)
     dt = _get_version(c, name, cur).tags.get("dt") if cur is not None else None
     _log_event(cfg, dt, "rollback", event)
@@ -384,20 +392,35 @@ def _cache_root(cfg: Config, name: str) -> Path:
 
 
 def version_dir(cfg: Config, version: str | int, name: str | None = None) -> Path:
-    """Local dir of a version's model files (downloaded once into ``var/cache/models``)."""
+    """Local dir of a version's model files (downloaded once into ``var/cache/models``).
+
+    Every call checks the files against the version's ``weights_hash`` tag, the cached copy too
+    (a cache entry is keyed by version number only, and a disk or a hand can change it): a
+    mismatch in the cache is re-downloaded, a mismatch in a download raises. A version without
+    a ``weights_hash`` tag is refused: nothing unverified is ever served or trained from.
+    """
     from mlflow.artifacts import download_artifacts
 
     c, name = tracking.client(cfg), name or cfg.registry.model_name
+    mv = _get_version(c, name, str(version))
+    expected = mv.tags.get("weights_hash")
+    if not expected:
+        raise RegistryError(f"{name} version {version} has no weights_hash tag: refusing to load unverified "
+                            "weights (register it with `onerec-prod gate`, which tags the hash)")
     dest = _cache_root(cfg, name) / f"v{version}"
     if dest.is_dir():
-        return dest
-    mv = _get_version(c, name, str(version))
+        if weights_hash(dest) == expected:
+            return dest
+        log.error("cached %s version %s does not match its weights_hash %s: downloading it again",
+                  name, version, expected[:12])
+        stale = dest.with_name(f".stale-v{version}-{uuid.uuid4().hex[:8]}")
+        os.rename(dest, stale)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = _cache_root(cfg, name) / f".tmp-v{version}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
         got = Path(download_artifacts(artifact_uri=mv.source, dst_path=str(tmp), tracking_uri=cfg.mlflow_uri))
-        expected = mv.tags.get("weights_hash")
-        if expected and weights_hash(got) != expected:
+        if weights_hash(got) != expected:
             raise RegistryError(f"{name} version {version}: downloaded weights do not match weights_hash {expected[:12]}")
         try:
             os.rename(got, dest)

@@ -8,6 +8,10 @@ A backend owns one model and the trie of the catalog it serves; prompts come fro
   under each prefix and scores add up, so results rank like a full search would.
 * ``full(prompts, beam_size=n)``: full trie-constrained generation (the fallback).
 
+Both take an optional ``deadline`` (``time.monotonic()`` value): it is checked once the call
+holds the model, so a request that waited in the queue past its deadline is dropped
+(:class:`DeadlineExceeded`) instead of computed for nobody.
+
 Both return, per prompt, up to ``n`` distinct full SIDs with summed log-probabilities, best first.
 :class:`HFBackend` (CPU default) wraps :func:`onerec_prod.eval.beam.beam_search_sids`;
 :class:`onerec_prod.serving.vllm_backend.VLLMBackend` does the same on vLLM (GPU).
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -32,6 +37,16 @@ Scored = tuple[Sid, float]
 Ranked = list[Scored]
 
 
+class DeadlineExceeded(TimeoutError):
+    """The request's deadline passed before its generation started; the work is dropped."""
+
+
+def check_deadline(deadline: float | None) -> None:
+    """Raise :class:`DeadlineExceeded` when ``deadline`` (monotonic seconds) has passed."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded("request deadline passed before generation started")
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What the service needs from a generation engine."""
@@ -39,12 +54,14 @@ class Backend(Protocol):
     name: str
 
     def complete(
-        self, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequence[Scored]], *, beam_size: int
+        self, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequence[Scored]], *, beam_size: int,
+        deadline: float | None = None,
     ) -> list[Ranked]:
         """Complete every prefix of prompt ``i`` to full catalog SIDs; best ``beam_size`` per prompt."""
         ...
 
-    def full(self, prompts: Sequence[Sequence[int]], *, beam_size: int) -> list[Ranked]:
+    def full(self, prompts: Sequence[Sequence[int]], *, beam_size: int,
+             deadline: float | None = None) -> list[Ranked]:
         """Full constrained generation; best ``beam_size`` catalog SIDs per prompt."""
         ...
 
@@ -70,20 +87,24 @@ class HFBackend:
         return cls(model, trie, vocab, batch_size=batch_size)
 
     def complete(
-        self, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequence[Scored]], *, beam_size: int
+        self, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequence[Scored]], *, beam_size: int,
+        deadline: float | None = None,
     ) -> list[Ranked]:
         from onerec_prod.eval.beam import beam_search_sids
 
         if len(prompts) != len(prefixes):
             raise ValueError(f"complete: {len(prompts)} prompts but {len(prefixes)} prefix lists")
         with self._lock:
+            check_deadline(deadline)
             return beam_search_sids(self.model, [list(p) for p in prompts], self.trie, self.vocab, beam_size,
                                     start_prefixes=[list(p) for p in prefixes], batch_size=self.batch_size)
 
-    def full(self, prompts: Sequence[Sequence[int]], *, beam_size: int) -> list[Ranked]:
+    def full(self, prompts: Sequence[Sequence[int]], *, beam_size: int,
+             deadline: float | None = None) -> list[Ranked]:
         from onerec_prod.eval.beam import beam_search_sids
 
         with self._lock:
+            check_deadline(deadline)
             return beam_search_sids(self.model, [list(p) for p in prompts], self.trie, self.vocab, beam_size,
                                     batch_size=self.batch_size)
 

@@ -27,9 +27,12 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
 
     from onerec_prod.serving.service import create_app
 
+    host, port = args.host or cfg.serving.host, args.port or cfg.serving.port
+    if cfg.serving.auth == "none" and host not in ("127.0.0.1", "localhost", "::1"):
+        raise SystemExit(f"refusing to serve without authentication on {host}: serving.auth=none is for "
+                         "127.0.0.1 only; set serving.auth=token and serving.token_file")
     app = create_app(cfg, model_dir=args.model, model_version=args.model_version,
                      follow_champion=not args.no_follow)
-    host, port = args.host or cfg.serving.host, args.port or cfg.serving.port
     log.info("serving on http://%s:%d (backend %s)", host, port, cfg.serving.backend)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     return 0

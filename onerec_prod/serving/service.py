@@ -6,15 +6,31 @@ returns ``{user_id, items: [{item_id, sid, score}], rationale, model_version, pa
 * ``path="prefix"``: the user has a row in the export of the serving model version and sent no
   fresh events; the remaining SID levels are completed under each of the user's precomputed
   prefixes (scores = prefix log-prob + completion log-prob), and the stored rationale is returned;
-* ``path="fallback"``: unknown user, fresh events (appended to the stored history), or a stale
-  row (the export belongs to another model version): full constrained generation from the
-  history, no rationale. Users with a row but no result under their prefixes also fall back.
+* ``path="fallback"``: fresh events (appended to the stored history), or a stale row (the export
+  belongs to another model version): full constrained generation from the history, no
+  rationale. Users with a row but no result under their prefixes also fall back. An unknown
+  user (no row, no events) gets the export's most popular items, ranked once per loaded state:
+  no generation, so a stream of made-up user ids cannot occupy the model.
 
 Only catalog items are returned: the trie and the SID -> item map come from the catalog
 snapshot of the export. Status codes: 422 for a malformed body, wrong types, ``k`` outside
 ``1..serving.top_n``, too many events or unknown item ids (the message names the field); 413
 for a body over ``serving.max_body_bytes``; 503 until a model is loaded. Nothing in a request
 selects a file, a model or a version.
+
+Trust no caller (``serving.auth``, ``max_in_flight``, ``request_timeout_s``, ``openapi``):
+
+* ``auth=token``: ``/recommend`` and ``/metrics`` need ``Authorization: Bearer <token>`` (401
+  otherwise, checked before the body is read); the token is the content of
+  ``serving.token_file`` (a mounted secret), re-read when the file changes so a rotation needs
+  no restart. ``/healthz`` stays open for probes. ``auth=none`` must be set explicitly and the
+  config allows it only on a loopback host outside the cluster.
+* at most ``max_in_flight`` requests are computed at once; one more is answered 503 with
+  ``Retry-After`` at once (shed), without queueing.
+* each request has a deadline of ``request_timeout_s``: past it the client gets 504. Work that
+  has not reached the model yet is dropped; a generation already running finishes and keeps its
+  in-flight slot until then, so timeouts cannot pile up hidden work.
+* ``/openapi.json`` and ``/docs`` exist only with ``serving.openapi=true``.
 
 Model following: a background thread resolves the champion every ``serving.reload_interval_s``
 (``registry.champion``, or an injected resolver) and also watches the newest export of the
@@ -38,6 +54,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from onerec_prod.config import Config
+from onerec_prod.serving.backends import DeadlineExceeded, check_deadline
 from onerec_prod.serving.precompute import (
     UserPrefixes,
     export_id,
@@ -63,6 +80,8 @@ class UnknownItems(ValueError):
     """A request names item ids that are not in the serving catalog."""
 
 
+
+
 # --------------------------------------------------------------------------------------
 # state: one immutable snapshot of everything a request needs
 
@@ -81,9 +100,29 @@ class ServingState:
     think: bool
     max_items: int
     export_id: str
+    # unknown users' answer, best first (see popular_items); empty: they get full generation
+    popular: tuple[tuple[Sid, float], ...] = ()
     loaded_at: float = field(default_factory=time.time)
     # fast tokenizers must not encode from two threads at once; prompt building is ~1 ms
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+
+
+def popular_items(users: dict[str, UserPrefixes], items: dict[str, dict[str, Any]], n: int) -> tuple[tuple[Sid, float], ...]:
+    """The ``n`` catalog items seen most often in the export's histories, best first.
+
+    Score: add-one smoothed log share of history occurrences, so scores are negative and rank
+    like the model's log-probs; ties (and an export without histories) fall back to item id order.
+    """
+    import math
+
+    counts: dict[str, int] = {}
+    for row in users.values():
+        for item_id in row.history:
+            if item_id in items:
+                counts[item_id] = counts.get(item_id, 0) + 1
+    total = sum(counts.values()) + len(items)
+    ranked = sorted(items, key=lambda i: (-counts.get(i, 0), i))[:n]
+    return tuple((tuple(items[i]["sid"]), math.log((counts.get(i, 0) + 1) / total)) for i in ranked)
 
 
 def find_export(cfg: Config, version: str, model_dir: Path) -> tuple[Path, dict, bool] | None:
@@ -142,7 +181,8 @@ def load_state(cfg: Config, version: str, model_dir: str | Path, *, previous: Se
         tokenizer=tokenizer, items=items, sid_to_item=sid_to_item, users=exp.users,
         prefixes_current=current, think=bool(manifest.get("think", False)) and current,
         max_items=int(manifest.get("max_history", cfg.samples.max_history)),
-        export_id=export_id(path, manifest), tokenizer_lock=tok_lock)
+        export_id=export_id(path, manifest), tokenizer_lock=tok_lock,
+        popular=popular_items(exp.users, items, cfg.serving.top_n))
     log.info("loaded model version %s (%s): %d items, %d users, prefixes %s",
              version, model_dir, len(items), len(exp.users), "current" if current else "stale")
     return state
@@ -152,8 +192,13 @@ def load_state(cfg: Config, version: str, model_dir: str | Path, *, previous: Se
 # the request core (no HTTP)
 
 
-def recommend(state: ServingState, user_id: str, events: Sequence[str], k: int, beam_size: int) -> dict[str, Any]:
-    """Ranked catalog items for one request on ``state``; raises :class:`UnknownItems`."""
+def recommend(state: ServingState, user_id: str, events: Sequence[str], k: int, beam_size: int,
+              deadline: float | None = None) -> dict[str, Any]:
+    """Ranked catalog items for one request on ``state``.
+
+    Raises :class:`UnknownItems`, and :class:`DeadlineExceeded` when ``deadline``
+    (``time.monotonic()``) passes before a generation starts (e.g. while queued on the model).
+    """
     unknown = [e for e in events if e not in state.items]
     if unknown:
         shown = ", ".join(repr(u) for u in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
@@ -172,12 +217,20 @@ def recommend(state: ServingState, user_id: str, events: Sequence[str], k: int, 
         reason = None
     ranked: list[tuple[Sid, float]] = []
     rationale = None
+    if reason == "unknown_user" and state.popular:
+        ranked = list(state.popular)
+        items = [{"item_id": state.sid_to_item[sid], "sid": list(sid), "score": round(score, 6)}
+                 for sid, score in ranked if sid in state.sid_to_item][:k]
+        return {"user_id": user_id, "items": items, "rationale": None, "model_version": state.model_version,
+                "path": "fallback", "fallback_reason": reason}
     if reason is None:
+        check_deadline(deadline)
         hist = history_items(row.history, state.items)
         with state.tokenizer_lock:
             prompt = rec_prompt_ids(state.tokenizer, hist, think=state.think, rationale=row.rationale,
                                     max_items=state.max_items)
-        ranked = state.backend.complete([prompt], [list(row.prefixes)], beam_size=beam_size)[0]
+        ranked = state.backend.complete([prompt], [list(row.prefixes)], beam_size=beam_size,
+                                        deadline=deadline)[0]
         rationale = row.rationale
         if not ranked:
             reason = "no_prefix"
@@ -185,7 +238,8 @@ def recommend(state: ServingState, user_id: str, events: Sequence[str], k: int, 
         hist = history_items((row.history if row else ()) + tuple(events), state.items)
         with state.tokenizer_lock:
             prompt = rec_prompt_ids(state.tokenizer, hist, think=False, rationale=None, max_items=state.max_items)
-        ranked = state.backend.full([prompt], beam_size=beam_size)[0]
+        check_deadline(deadline)
+        ranked = state.backend.full([prompt], beam_size=beam_size, deadline=deadline)[0]
         rationale = None
     items = [{"item_id": state.sid_to_item[sid], "sid": list(sid), "score": round(score, 6)}
              for sid, score in ranked if sid in state.sid_to_item][:k]
@@ -209,6 +263,15 @@ class Metrics:
         self.codes: dict[int, int] = {}
         self.reloads = 0
         self.reload_failures = 0
+        self.shed = 0
+        self.timeouts = 0
+        self.dropped = 0
+        self.unauthorized = 0
+
+    def count(self, what: str) -> None:
+        """One more ``shed`` / ``timeouts`` / ``dropped`` / ``unauthorized`` request."""
+        with self._lock:
+            setattr(self, what, getattr(self, what) + 1)
 
     def observe(self, path: str, reason: str | None, seconds: float) -> None:
         with self._lock:
@@ -255,6 +318,14 @@ class Metrics:
                   "# HELP onerec_model_reload_failures_total Failed loads (the old model kept serving).",
                   "# TYPE onerec_model_reload_failures_total counter",
                   f"onerec_model_reload_failures_total {self.reload_failures}",
+                  "# HELP onerec_shed_total Requests refused with 503 because serving.max_in_flight were running.",
+                  "# TYPE onerec_shed_total counter", f"onerec_shed_total {self.shed}",
+                  "# HELP onerec_deadline_exceeded_total Requests answered 504 (serving.request_timeout_s).",
+                  "# TYPE onerec_deadline_exceeded_total counter", f"onerec_deadline_exceeded_total {self.timeouts}",
+                  "# HELP onerec_deadline_dropped_total Requests whose deadline passed before generation started.",
+                  "# TYPE onerec_deadline_dropped_total counter", f"onerec_deadline_dropped_total {self.dropped}",
+                  "# HELP onerec_unauthorized_total Requests refused with 401 (missing or wrong bearer token).",
+                  "# TYPE onerec_unauthorized_total counter", f"onerec_unauthorized_total {self.unauthorized}",
                   "# HELP onerec_ready 1 when a model is loaded.", "# TYPE onerec_ready gauge",
                   f"onerec_ready {int(state is not None)}"]
             if state is not None:
@@ -339,10 +410,19 @@ def default_resolver(cfg: Config, *, model_dir: str | Path | None, model_version
         pinned = (model_version or local_version(model_dir), Path(model_dir))
         return lambda: pinned
 
-    def champion() -> tuple[str, Path] | None:
-        from onerec_prod.registry.registry import champion as registry_champion
+    verified: dict[str, Path] = {}
 
-        return registry_champion(cfg)
+    def champion() -> tuple[str, Path] | None:
+        """The alias each poll; the files (hash-verified by ``version_dir``) once per version change."""
+        from onerec_prod.registry import registry
+
+        version = registry.aliases(cfg).get(registry.CHAMPION)
+        if version is None:
+            return None
+        if version not in verified:
+            verified.clear()
+            verified[version] = registry.version_dir(cfg, version)
+        return version, verified[version]
 
     if follow_champion:
         return champion
@@ -363,11 +443,51 @@ def default_resolver(cfg: Config, *, model_dir: str | Path | None, model_version
 # HTTP
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for bodies over ``max_bytes`` (declared or streamed); counts status codes."""
+class BearerToken:
+    """The expected bearer token: the stripped content of ``path``, re-read when the file changes.
 
-    def __init__(self, app, max_bytes: int, metrics: Metrics) -> None:
-        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+    A mounted Kubernetes secret is updated in place on rotation; the stat per request costs
+    microseconds and spares a restart. An empty or missing file is an error, never "no token".
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._stamp: tuple[float, int] | None = None
+        self._token = b""
+        self.current()  # fail at startup, not at the first request
+
+    def current(self) -> bytes:
+        st = self.path.stat()
+        stamp = (st.st_mtime, st.st_size)
+        if stamp != self._stamp:
+            token = self.path.read_bytes().strip()
+            if not token:
+                raise ValueError(f"serving.token_file {self.path} is empty")
+            self._token, self._stamp = token, stamp
+        return self._token
+
+    def accepts(self, header: bytes | None) -> bool:
+        import hmac
+
+        if not header or not header[:7].lower() == b"bearer ":
+            return False
+        try:
+            expected = self.current()
+        except (OSError, ValueError) as e:  # secret gone: refuse everyone rather than no one
+            log.error("bearer token unreadable, refusing requests: %s", e)
+            return False
+        return hmac.compare_digest(header[7:].strip(), expected)
+
+
+OPEN_PATHS = ("/healthz",)  # liveness/readiness probes carry no token
+
+
+class Guard:
+    """ASGI middleware, in order: counts status codes; 401 without the bearer token (before the
+    body is read); 413 for bodies over ``max_bytes`` (declared or streamed)."""
+
+    def __init__(self, app, max_bytes: int, metrics: Metrics, token: BearerToken | None) -> None:
+        self.app, self.max_bytes, self.metrics, self.token = app, max_bytes, metrics, token
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -379,7 +499,14 @@ class BodyLimit:
                 self.metrics.status(int(message["status"]))
             await send(message)
 
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        if self.token is not None and scope.get("path") not in OPEN_PATHS:
+            if not self.token.accepts(headers.get(b"authorization")):
+                self.metrics.count("unauthorized")
+                await _json(send_counted, 401, {"error": "missing or invalid bearer token"},
+                            [(b"www-authenticate", b'Bearer realm="onerec"')])
+                return
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._too_large(send_counted, int(declared))
             return
@@ -413,13 +540,42 @@ class BodyLimit:
         await self.app(scope, replay, send_counted)
 
     async def _too_large(self, send, size: int) -> None:
-        import json
+        await _json(send, 413, {"error": f"request body too large: at least {size} bytes, the limit is "
+                                         f"{self.max_bytes} (serving.max_body_bytes)"})
 
-        body = json.dumps({"error": f"request body too large: at least {size} bytes, the limit is "
-                                    f"{self.max_bytes} (serving.max_body_bytes)"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+
+async def _json(send, status: int, content: dict, extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    import json
+
+    body = json.dumps(content).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *extra_headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class InFlight:
+    """A non-blocking counter of requests being computed: ``try_enter`` fails when ``limit`` run.
+
+    The slot is left by the worker thread when its computation ends, not when the response is
+    sent: a request answered 504 still holds its slot while its generation runs.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.running = 0
+        self._lock = threading.Lock()
+
+    def try_enter(self) -> bool:
+        with self._lock:
+            if self.running >= self.limit:
+                return False
+            self.running += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.running -= 1
 
 
 def _request_model(top_n: int, max_events: int):
@@ -477,12 +633,25 @@ def create_app(
             (tests, other registries); polled like the champion.
 
     The model loads in a background thread: ``/healthz`` answers 503 until it is ready.
+    Raises ``ValueError`` when ``serving.auth=token`` has no readable, non-empty ``token_file``.
     """
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
 
     scfg = cfg.serving
+    token = None
+    if scfg.auth == "token":
+        if not scfg.token_file:
+            raise ValueError("serving.auth=token needs serving.token_file (a file holding the bearer token, "
+                             "e.g. a mounted secret); a local-only service may set serving.auth=none")
+        token = BearerToken(cfg.paths.resolve(scfg.token_file))
+    in_flight = InFlight(scfg.max_in_flight)
+    # one worker per in-flight slot: an admitted request never waits for a thread
+    executor = ThreadPoolExecutor(max_workers=scfg.max_in_flight, thread_name_prefix="onerec-recommend")
     resolver = champion_resolver or default_resolver(
         cfg, model_dir=model_dir, model_version=model_version, follow_champion=follow_champion)
     metrics = Metrics()
@@ -497,24 +666,66 @@ def create_app(
             yield
         finally:
             watcher.stop()
+            executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="onerec-prod Think-Ahead service", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="onerec-prod Think-Ahead service", lifespan=lifespan, redoc_url=None,
+                  docs_url="/docs" if scfg.openapi else None,
+                  openapi_url="/openapi.json" if scfg.openapi else None)
     app.state.watcher = watcher
     app.state.metrics = metrics
+    app.state.in_flight = in_flight
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         return JSONResponse(status_code=422, content={"error": "invalid request", "details": _describe(exc.errors())})
 
-    def recommend_endpoint(body):
+    def compute(state: ServingState, body, deadline: float) -> dict[str, Any]:
+        try:
+            return recommend(state, body.user_id, body.events or [], body.k or scfg.top_n, scfg.top_n,
+                             deadline=deadline)
+        except DeadlineExceeded:
+            metrics.count("dropped")
+            raise
+        finally:
+            in_flight.leave()
+
+    async def run_admitted(state: ServingState, body, deadline: float) -> dict[str, Any]:
+        """Compute on a worker thread (the slot is taken); DeadlineExceeded when it is not done in time."""
+        try:
+            fut = executor.submit(compute, state, body, deadline)
+        except RuntimeError:  # shutting down
+            in_flight.leave()
+            raise DeadlineExceeded("shutting down") from None
+        # asyncio.wait never cancels the future: a started computation always reaches in_flight.leave()
+        wrapped = asyncio.wrap_future(fut)
+        wrapped.add_done_callback(lambda f: f.cancelled() or f.exception())  # late results: retrieved, dropped
+        await asyncio.wait({wrapped}, timeout=max(0.0, deadline - time.monotonic()))
+        if not wrapped.done():
+            raise DeadlineExceeded(f"not done within {scfg.request_timeout_s}s")
+        return wrapped.result()
+
+    async def recommend_endpoint(body):
         t0 = time.perf_counter()
+        deadline = time.monotonic() + scfg.request_timeout_s
         state = watcher.state  # read once: this request finishes on this state
         if state is None:
             return JSONResponse(status_code=503, content={"error": "no model loaded yet; retry later"})
-        try:
-            out = recommend(state, body.user_id, body.events or [], body.k or scfg.top_n, scfg.top_n)
-        except UnknownItems as e:
-            return JSONResponse(status_code=422, content={"error": str(e)})
+        if not body.events and body.user_id not in state.users and state.popular:
+            # unknown user: a slice of a precomputed list, answered inline; takes no model slot
+            out = recommend(state, body.user_id, [], body.k or scfg.top_n, scfg.top_n)
+        elif not in_flight.try_enter():
+            metrics.count("shed")
+            return JSONResponse(status_code=503, headers={"Retry-After": "1"}, content={
+                "error": f"overloaded: {scfg.max_in_flight} requests in flight (serving.max_in_flight); retry later"})
+        else:
+            try:
+                out = await run_admitted(state, body, deadline)
+            except DeadlineExceeded:
+                metrics.count("timeouts")
+                return JSONResponse(status_code=504, content={
+                    "error": f"deadline of {scfg.request_timeout_s}s exceeded (serving.request_timeout_s)"})
+            except UnknownItems as e:
+                return JSONResponse(status_code=422, content={"error": str(e)})
         elapsed = time.perf_counter() - t0
         metrics.observe(out["path"], out["fallback_reason"], elapsed)
         out["latency_ms"] = round(elapsed * 1000.0, 3)
@@ -536,7 +747,7 @@ def create_app(
     def metrics_endpoint():
         return PlainTextResponse(metrics.render(watcher.state), media_type="text/plain; version=0.0.4")
 
-    app.add_middleware(BodyLimit, max_bytes=scfg.max_body_bytes, metrics=metrics)
+    app.add_middleware(Guard, max_bytes=scfg.max_body_bytes, metrics=metrics, token=token)
     return app
 
 

@@ -182,12 +182,20 @@ class VLLMBackend:
         return [logprobs_of(o, r.allowed) for o, r in zip(outs, reqs, strict=True)]
 
     def complete(
-        self, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequence[Scored]], *, beam_size: int
+        self, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequence[Scored]], *, beam_size: int,
+        deadline: float | None = None,
     ) -> list[Ranked]:
+        from onerec_prod.serving.backends import check_deadline
+
         with self._lock:
+            check_deadline(deadline)
             return constrained_beam_search(prompts, self.trie, self.vocab, beam_size, self._step,
                                            start_prefixes=prefixes)
 
-    def full(self, prompts: Sequence[Sequence[int]], *, beam_size: int) -> list[Ranked]:
+    def full(self, prompts: Sequence[Sequence[int]], *, beam_size: int,
+             deadline: float | None = None) -> list[Ranked]:
+        from onerec_prod.serving.backends import check_deadline
+
         with self._lock:
+            check_deadline(deadline)
             return constrained_beam_search(prompts, self.trie, self.vocab, beam_size, self._step)

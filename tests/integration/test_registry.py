@@ -95,8 +95,11 @@ def gated(cfg, tmp_path, snapshot, dt, w, champion_dir=None, parent=None):
 
     d = save_model(tmp_path / f"cand-{dt}", w, dt, parent)
     report = {"metrics": evaluate(d, snapshot), "snapshot": dt}
-    if champion_dir is not None:
+    if champion_dir is not None:  # as the pipeline's evaluate stage: metrics and the version compared
+        from onerec_prod.registry import registry
+
         report["champion_metrics"] = evaluate(champion_dir, snapshot)
+        report["champion_version"] = registry.aliases(cfg).get("champion")
     return gate_and_register(cfg, dt, d, report, lineage_from_model(d) | {"data_snapshot": dt})
 
 
@@ -178,7 +181,9 @@ def test_promote_then_rollback_restores_exact_previous(cfg, tmp_path, snapshot):
     assert registry.aliases(cfg) == {"champion": v1}
     version, local = registry.champion(cfg)
     assert version == v1
-    assert registry.weights_hash(local) == registry.weights_hash(v1_dir)  # the exact bytes
+    # the exact tensors of version 1 as it was trained, not of the cache dir compared with itself
+    assert registry.weights_hash(local) == registry.weights_hash(tmp_path / "cand-2014-01-01")
+    assert registry.weights_hash(local) != registry.weights_hash(tmp_path / "cand-2014-01-02")
 
     with pytest.raises(registry.RegistryError, match="no previous"):
         registry.rollback(cfg)  # no flip-flop back to the bad version
@@ -194,6 +199,69 @@ def test_promote_then_rollback_restores_exact_previous(cfg, tmp_path, snapshot):
     assert registry.resolve_model_dir(cfg, tmp_path / "cand-2014-01-01") == tmp_path / "cand-2014-01-01"
     with pytest.raises(registry.RegistryError, match="no alias 'challenger'"):
         registry.resolve_model_dir(cfg, "models:/onerec@challenger")
+
+
+def test_registry_failure_windows(cfg, tmp_path, snapshot, monkeypatch):
+    """Faults injected into the registry's windows: a rollback that dies before moving the alias,
+    a gate or promote against a champion that moved, a tampered cache, a version without a hash."""
+    from mlflow import MlflowClient
+
+    from onerec_prod.registry import registry
+
+    w = snapshot[0]
+    v1 = gated(cfg, tmp_path, snapshot, "2014-01-01", w)["version"]
+    registry.promote(cfg)
+    w2 = w.copy()
+    w2[0] += 1e-3
+    v2 = gated(cfg, tmp_path, snapshot, "2014-01-02", w2, champion_dir=registry.champion(cfg)[1])["version"]
+    registry.promote(cfg)
+
+    # 1. rollback killed between its writes: the bad version is already marked, champion unmoved
+    real = MlflowClient.set_registered_model_alias
+
+    def dies(self, *a, **kw):
+        raise ConnectionError("tracking server went away")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", dies)
+    with pytest.raises(ConnectionError):
+        registry.rollback(cfg)
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)
+    assert registry.aliases(cfg)["champion"] == v2
+    assert mlflow_client(cfg).get_model_version("onerec", v2).tags["rolled_back"] == "true"
+    with pytest.raises(registry.GateNotPassedError, match="rolled back"):
+        registry.promote(cfg, v2)  # marked: nothing re-promotes it by accident
+    assert registry.rollback(cfg)["champion"] == v1  # the rerun finishes the rollback
+
+    # 2. the gate refuses metrics of a champion that is no longer champion
+    w3 = w.copy()
+    w3[1] += 1e-3
+    d3 = save_model(tmp_path / "cand-2014-01-03", w3, "2014-01-03")
+    report = {"metrics": evaluate(d3, snapshot), "champion_metrics": evaluate(d3, snapshot),
+              "champion_version": v2}
+    from onerec_prod.registry.gate_cli import gate_and_register, lineage_from_model
+
+    with pytest.raises(registry.RegistryError, match=f"champion version {v2}, but the champion is now {v1}"):
+        gate_and_register(cfg, "2014-01-03", d3, report, lineage_from_model(d3))
+
+    # 3. a challenger gated against v1 is not promoted once the champion moved to another version
+    v3 = gated(cfg, tmp_path, snapshot, "2014-01-03", w3, champion_dir=registry.champion(cfg)[1])
+    assert v3["challenger_set"] and v3["champion_version"] == v1
+    registry.promote(cfg, v2, force=True, reason="operator override")
+    with pytest.raises(registry.GateNotPassedError, match=f"gated against champion {v1}"):
+        registry.promote(cfg)
+    registry.promote(cfg, v1, force=True, reason="back")
+    assert registry.promote(cfg)["champion"] == v3["version"]  # against the champion it was gated on
+
+    # 4. the download cache is re-verified on every load
+    cached = registry.version_dir(cfg, v1)
+    from safetensors.numpy import save_file
+
+    save_file({"item_emb": w3}, str(cached / "model.safetensors"))  # a tampered cache entry
+    again = registry.version_dir(cfg, v1)
+    assert registry.weights_hash(again) == registry.weights_hash(tmp_path / "cand-2014-01-01")
+    mlflow_client(cfg).delete_model_version_tag("onerec", v1, "weights_hash")
+    with pytest.raises(registry.RegistryError, match="no weights_hash tag"):
+        registry.version_dir(cfg, v1)
 
 
 def test_forced_promote_records_who_and_why_via_cli(cfg, tmp_path, snapshot, capsys):

@@ -284,28 +284,65 @@ def test_not_ready_without_a_champion(served):
         assert "onerec_ready 0" in c.get("/metrics").text
 
 
+def perturbed_model_dir(src: Path, dst: Path, seed: int) -> Path:
+    """A copy of the tiny model with different weights (every float tensor plus seeded noise)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    make_model_dir(src, dst)
+    gen = torch.Generator().manual_seed(seed)
+    for f in dst.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        for name, t in tensors.items():
+            if t.is_floating_point():
+                tensors[name] = (t.float() + 0.5 * torch.randn(t.shape, generator=gen)).to(t.dtype)
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    return dst
+
+
+def loaded_weights_hash(model) -> str:
+    """sha256 over the tensors of a model in memory: what serving actually computes with."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode() + b"\0" + t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def test_follows_champion_without_downtime(tmp_path, tiny_model_dir, catalog, histories):
-    """Real registry: champion 1 -> 2 while requests run; then version 2's export is picked up."""
+    """Real registry, two models with different weights: champion 1 -> 2 while requests run (the
+    answers change), version 2's export is picked up, then a rollback 2 -> 1 in the running
+    service restores version 1's exact weights (by tensor hash) and its exact answers."""
     import httpx
 
+    from onerec_prod.model.io import load_model
     from onerec_prod.registry import registry
     from onerec_prod.serving.precompute import precompute
     from onerec_prod.serving.service import create_app
 
     cfg = load_cfg(tmp_path, "serving.reload_interval_s=0.2")
     m1 = make_model_dir(tiny_model_dir, tmp_path / "cand1")
-    m2 = make_model_dir(tiny_model_dir, tmp_path / "cand2")
+    m2 = perturbed_model_dir(tiny_model_dir, tmp_path / "cand2", seed=7)
+    assert registry.weights_hash(m1) != registry.weights_hash(m2)
     v1 = registry.register(cfg, m1, "2014-01-04", {"sid_version": SID_VERSION})
     v2 = registry.register(cfg, m2, DT, {"sid_version": SID_VERSION})
     assert v1 != v2
     registry.promote(cfg, v1, force=True, reason="test")
     ver, d1 = registry.champion(cfg)
     precompute(cfg, DT, d1, ver, histories=histories, catalog=catalog, write_table=False)
+    fresh = {"user_id": "u1", "events": [catalog[3]["item_id"], catalog[5]["item_id"]]}
+
+    def answer(c) -> tuple[str, list]:
+        body = c.post("/recommend", json=fresh).json()
+        return body["model_version"], [(it["item_id"], it["score"]) for it in body["items"]]
 
     app = create_app(cfg)  # the default: follow models:/onerec@champion
     with http_server(app) as url, httpx.Client(base_url=url, timeout=30) as c:
         wait_for(c, lambda h: h["model_version"] == v1 and h["prefixes_current"])
         assert c.post("/recommend", json={"user_id": "u1"}).json()["path"] == "prefix"
+        before = answer(c)
+        assert before[0] == v1 and before[1]
 
         seen, errors, stop = [], [], threading.Event()
 
@@ -327,6 +364,8 @@ def test_follows_champion_without_downtime(tmp_path, tiny_model_dir, catalog, hi
             th.join(30)
         assert not errors, errors
         assert seen[0] == v1 and seen[-1] == v2 and set(seen) == {v1, v2}
+        after = answer(c)
+        assert after[0] == v2 and after[1] != before[1], "other weights, same answers: the swap is not proven"
 
         # no export for v2 yet: stale -> fallback; after its precompute: prefix path again
         assert c.post("/recommend", json={"user_id": "u1"}).json()["path"] == "fallback"
@@ -336,3 +375,132 @@ def test_follows_champion_without_downtime(tmp_path, tiny_model_dir, catalog, hi
         body = c.post("/recommend", json={"user_id": "u1"}).json()
         assert body["path"] == "prefix" and body["model_version"] == v2
         assert "onerec_model_reloads_total 3" in c.get("/metrics").text
+
+        # rollback 2 -> 1 while serving: the weights in memory are version 1's, tensor for tensor
+        assert registry.rollback(cfg)["champion"] == v1
+        wait_for(c, lambda h: h["model_version"] == v1 and h["prefixes_current"])
+        served_model = app.state.watcher.state.backend.model
+        assert loaded_weights_hash(served_model) == loaded_weights_hash(load_model(m1))
+        assert loaded_weights_hash(served_model) != loaded_weights_hash(load_model(m2))
+        assert answer(c) == before
+
+
+# --------------------------------------------------------------------------------------
+# trust no caller: auth, in-flight limit, deadline, docs off, cheap unknown-user answers
+
+
+def test_bearer_token_from_a_file_and_docs_off(served, tmp_path):
+    """auth=token: 401 without/with a wrong token (before the body is read), a rotated file
+    takes effect without a restart, /healthz stays open, /openapi.json and /docs are off."""
+    import httpx
+
+    from onerec_prod.serving.service import create_app
+
+    _, model_dir = served
+    secret = tmp_path / "token"
+    secret.write_text("first-token-0123456789\n")
+    cfg = load_cfg(Path(served[0].paths.var_root), "serving.auth=token",
+                   f"serving.token_file={secret}")
+    app = create_app(cfg, champion_resolver=lambda: ("1", model_dir))
+    with http_server(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        wait_for(c, lambda h: h["model_version"] == "1")  # /healthz: no token needed
+        assert c.post("/recommend", json={"user_id": "u3"}).status_code == 401
+        r = c.post("/recommend", json={"user_id": "u3"}, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+        # refused before the body is read: an oversized body without a token is a 401, not a 413
+        r = c.post("/recommend", content=b"x" * (cfg.serving.max_body_bytes + 10),
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 401
+        assert c.get("/metrics").status_code == 401
+        good = {"Authorization": "Bearer first-token-0123456789"}
+        assert c.post("/recommend", json={"user_id": "u3"}, headers=good).json()["path"] == "prefix"
+        for path in ("/openapi.json", "/docs"):
+            assert c.get(path, headers=good).status_code == 404
+        secret.write_text("second-token-with-another-length\n")  # rotation of the mounted secret
+        assert c.post("/recommend", json={"user_id": "u3"}, headers=good).status_code == 401
+        new = {"Authorization": "Bearer second-token-with-another-length"}
+        assert c.post("/recommend", json={"user_id": "u3"}, headers=new).status_code == 200
+        assert "onerec_unauthorized_total 5" in c.get("/metrics", headers=new).text
+
+    secret.write_text("  \n")
+    with pytest.raises(ValueError, match="empty"):
+        create_app(cfg, champion_resolver=lambda: ("1", model_dir))
+    with pytest.raises(ValueError, match="token_file"):
+        create_app(load_cfg(tmp_path, "serving.auth=token"), champion_resolver=lambda: ("1", model_dir))
+    from fastapi.testclient import TestClient
+
+    docs_cfg = load_cfg(tmp_path, "serving.openapi=true")
+    with TestClient(create_app(docs_cfg, champion_resolver=lambda: ("1", model_dir))) as c:
+        assert c.get("/openapi.json").status_code == 200
+
+
+def test_auth_none_only_on_loopback_outside_the_cluster(tmp_path):
+    from onerec_prod.config import ConfigError, load_config
+
+    for bad in (["serving.host=0.0.0.0"], ["env=cluster"]):
+        with pytest.raises(ConfigError, match="serving.auth"):
+            load_cfg(tmp_path, *bad)
+    cluster = load_config(REPO / "configs" / "cluster.yaml", environ={})
+    assert cluster.serving.auth == "token" and cluster.serving.token_file
+    for name in ("local.yaml", "demo.yaml", "test.yaml"):  # the local configs say so explicitly
+        assert "auth: none" in (REPO / "configs" / name).read_text()
+
+
+def test_in_flight_limit_deadline_and_cheap_unknown_users(tmp_path, served, catalog):
+    """With the model busy (its lock held by the test, as a long generation would): unknown users
+    are still answered (popular items, no generation); requests that need the model fill
+    serving.max_in_flight, the next one is shed with 503 at once, the waiting ones get 504 at
+    their deadline and are dropped, not computed, when the model frees up."""
+    import httpx
+
+    from onerec_prod.serving.service import create_app
+
+    cfg0, model_dir = served
+    cfg = load_cfg(Path(cfg0.paths.var_root), "serving.max_in_flight=2", "serving.request_timeout_s=1.5")
+    app = create_app(cfg, champion_resolver=lambda: ("1", model_dir))
+    fresh = {"user_id": "u3", "events": [catalog[7]["item_id"]]}
+    with http_server(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        wait_for(c, lambda h: h["model_version"] == "1")
+        state = app.state.watcher.state
+        expected = [state.sid_to_item[sid] for sid, _ in state.popular]
+        model_lock = state.backend._lock
+        model_lock.acquire()
+        try:
+            r = c.post("/recommend", json={"user_id": "nobody-knows-me"})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert (body["path"], body["fallback_reason"]) == ("fallback", "unknown_user")
+            assert [it["item_id"] for it in body["items"]] == expected[: cfg.serving.top_n]
+            assert_catalog_items(body, catalog, cfg.serving.top_n)
+
+            results: list[int] = []
+
+            def blocked():
+                with httpx.Client(base_url=url, timeout=30) as hc:
+                    results.append(hc.post("/recommend", json=fresh).status_code)
+
+            threads = [threading.Thread(target=blocked) for _ in range(2)]
+            for th in threads:
+                th.start()
+            deadline = time.monotonic() + 30
+            while app.state.in_flight.running < 2:
+                assert time.monotonic() < deadline, "the two requests never became in flight"
+                time.sleep(0.01)
+            r = c.post("/recommend", json=fresh)
+            assert r.status_code == 503 and "max_in_flight" in r.json()["error"] and r.headers["retry-after"]
+            # unknown users take no slot: still answered while the model's slots are all taken
+            assert c.post("/recommend", json={"user_id": "another-stranger"}).json()["path"] == "fallback"
+            for th in threads:
+                th.join(30)
+            assert results == [504, 504]
+        finally:
+            model_lock.release()
+        while app.state.in_flight.running:  # the dropped requests leave their slots
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        r = c.post("/recommend", json=fresh)
+        assert r.status_code == 200 and r.json()["path"] == "fallback"
+        m = c.get("/metrics").text
+        assert "onerec_shed_total 1" in m and "onerec_deadline_exceeded_total 2" in m
+        assert "onerec_deadline_dropped_total 2" in m  # never reached the model
+        assert 'onerec_http_responses_total{code="504"} 2' in m

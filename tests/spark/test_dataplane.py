@@ -123,7 +123,84 @@ def test_no_good_row_is_lost_and_none_doubled(lakes):
     counts = lakes["results"][("ingest_events", DAYS[1])].counts
     manifest = Counter(f["reason"] for f in _manifest(raw, "events", DAYS[1])["faults"])
     assert {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("quarantined:")} == manifest
-    assert counts["events_written"] + counts["quarantined"] == counts["lines_read"]
+    # rows in the Delta tables, not counts derived from each other: every line is in exactly one
+    for dt in DAYS:
+        n_events = sum(1 for r in events if r[7] == dt)
+        n_quarantined = sum(1 for r in snap["events_quarantine"] if r[4] == dt)
+        assert n_events + n_quarantined == len(_raw_lines(raw, "events", dt)), dt
+        day = lakes["results"][("ingest_events", dt)].counts
+        assert (day["events_written"], day["quarantine_rows"]) == (n_events, n_quarantined), dt
+
+
+def _write_raw(cfg, kind: str, dt: str, lines: list[str]) -> None:
+    d = Path(cfg.paths.raw) / kind / f"dt={dt}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "part-0000.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_item_feed_loses_nothing_and_a_rerun_never_shrinks_a_day(spark, make_cfg):
+    """Item feed: each line is a catalog row (its item's last line of the day) or quarantined,
+    duplicate_item included, counted in the tables. Events: a rerun on a truncated landing
+    partition is refused with the counts and leaves the day intact; --force replaces it."""
+    from jobs.common import ShrinkRefused
+    from jobs.ingest_events import run as ingest
+    from jobs.update_catalog import run as update_catalog
+    from onerec_prod.lake import read_table, table_path
+
+    cfg, dt = make_cfg(), "2014-03-01"
+    items = [
+        json.dumps({"item_id": "i1", "title": "first", "categories": "Beauty"}),
+        json.dumps({"item_id": "i2", "title": "two"}),
+        json.dumps({"item_id": "i1", "title": "second"}),
+        '{"item_id": "i9", "title": "bro',
+        json.dumps({"item_id": "i3", "title": 42}),
+        json.dumps({"item_id": "i1", "title": "last", "categories": "Beauty > Nails"}),
+        json.dumps({"item_id": "i4", "title": "four"}),
+    ]
+    _write_raw(cfg, "items", dt, items)
+    res = update_catalog(spark, dt, cfg, assign_sids=False)
+    catalog = {r["item_id"]: r["title"] for r in read_table(spark, table_path(cfg, "catalog")).collect()}
+    quarantined = {(r["line_no"], r["reason"]) for r in
+                   read_table(spark, table_path(cfg, "items_quarantine")).where(f"dt = '{dt}'").collect()}
+    assert catalog == {"i1": "last", "i2": "two", "i4": "four"}
+    assert quarantined == {(1, "duplicate_item"), (3, "duplicate_item"), (4, "malformed_json"),
+                           (5, "bad_type:title")}
+    assert len(catalog) + len(quarantined) == len(items) == res.counts["lines_read"]
+    assert res.counts["new_items"] == len(catalog) and res.counts["quarantined"] == len(quarantined)
+
+    ts = 1393660800 + 3600  # 2014-03-01 01:00 UTC
+    events = [json.dumps({"event_id": f"e{i}", "user_id": f"u{i % 3}", "item_id": f"i{1 + i % 2}", "ts": ts + i})
+              for i in range(8)] + [json.dumps({"event_id": "bad", "user_id": "u1", "item_id": "nope", "ts": ts})]
+    _write_raw(cfg, "events", dt, events)
+    first = ingest(spark, dt, cfg)
+    assert (first.counts["events_written"], first.counts["quarantine_rows"]) == (8, 1)
+
+    def day_rows():
+        return (read_table(spark, table_path(cfg, "events")).where(f"dt = '{dt}'").count(),
+                read_table(spark, table_path(cfg, "events_quarantine")).where(f"dt = '{dt}'").count())
+
+    _write_raw(cfg, "events", dt, events[:5])  # the landing partition was truncated / expired
+    with pytest.raises(ShrinkRefused, match=r"has 5 lines but the day already holds 8 events \+ 1 quarantined = 9"):
+        ingest(spark, dt, cfg)
+    assert day_rows() == (8, 1)  # untouched
+    forced = ingest(spark, dt, cfg, force=True)
+    assert day_rows() == (5, 0) and forced.counts["events_written"] == 5
+
+    # build_sequences on a day whose events are gone keeps the day's examples
+    from jobs.build_sequences import run as build_sequences
+
+    def examples():
+        return read_table(spark, table_path(cfg, "examples")).where(f"dt = '{dt}'").count()
+
+    assert build_sequences(spark, dt, cfg).counts["examples_written"] == 5 and examples() == 5
+    (Path(cfg.paths.raw) / "events" / f"dt={dt}" / "part-0000.jsonl").write_text("")
+    ingest(spark, dt, cfg, force=True)
+    assert day_rows() == (0, 0)
+    with pytest.raises(ShrinkRefused, match="examples already holds 5 rows"):
+        build_sequences(spark, dt, cfg)
+    assert examples() == 5
+    build_sequences(spark, dt, cfg, force=True)
+    assert examples() == 0
 
 
 def test_unknown_item_is_quarantined_not_dropped(lakes):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 DT = "2014-03-02"
 TS = 1393718400  # 2014-03-02 00:00 UTC
 
@@ -121,7 +119,6 @@ def test_catalog_merge_updates_text_never_reverts_or_deletes(spark, make_cfg):
 
 def test_update_catalog_assigns_sids_once(spark, make_cfg, beauty_slice, slice_plan):
     """assign_sids=True with the real SID service: every item gets a distinct SID; they never move."""
-    pytest.importorskip("onerec_prod.sid.service")
     from jobs.update_catalog import assign_missing_sids, run
     from onerec_prod.lake import read_table, table_path
     from onerec_prod.replay import replay

@@ -73,6 +73,16 @@ def test_fault_check_matches_injected_lines_with_quarantined_ones(tmp_path):
     assert ok == {"event_faults": 8, "item_faults": 3, "events_quarantined": 8, "items_quarantined": 3,
                   "good_events": 120, "events_written": 120, "nothing_lost": True}
 
+    # counted in the tables: they agree with the records
+    rows = {("events", "2013-12-31"): 100, ("events", "2014-01-01"): 20, ("events_quarantine", "2014-01-01"): 8,
+            ("items_quarantine", "2014-01-01"): 3}
+    counted = fault_check(cfg, parts, rows)
+    assert counted["nothing_lost"] is True and counted["records_agree"] is True and counted["counted_in"] == "delta"
+    # a record that claims rows the table does not hold: the table wins, and it is said
+    short = rows | {("events", "2014-01-01"): 19}
+    lost = fault_check(cfg, parts, short)
+    assert lost["events_written"] == 119 and lost["records_agree"] is False and lost["nothing_lost"] is False
+
     # one bad line that was neither written nor quarantined: said, not hidden
     write_record(cfg, "2014-01-01", "ingest_events", {"counts": {"events_written": 20, "quarantined": 7}})
     assert fault_check(cfg, parts)["nothing_lost"] is False

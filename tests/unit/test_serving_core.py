@@ -110,17 +110,17 @@ class FakeBackend:
         self.calls = []
         self.complete_result, self.full_result = complete_result, full_result
 
-    def complete(self, prompts, prefixes, *, beam_size):
+    def complete(self, prompts, prefixes, *, beam_size, deadline=None):
         self.calls.append(("complete", prefixes[0], beam_size))
         return [list(self.complete_result)]
 
-    def full(self, prompts, *, beam_size):
+    def full(self, prompts, *, beam_size, deadline=None):
         self.calls.append(("full", None, beam_size))
         return [list(self.full_result)]
 
 
-def state(backend, current=True) -> ServingState:
-    return ServingState(
+def state(backend, current=True, popular=()) -> ServingState:
+    return ServingState(popular=popular,
         model_version="3", model_dir=Path("/m"), sid_version="s1", backend=backend, tokenizer=FakeTok(),
         items={it["item_id"]: it for it in ITEMS}, sid_to_item={it["sid"]: it["item_id"] for it in ITEMS},
         users={r.user_id: r for r in ROWS}, prefixes_current=current, think=False, max_items=10, export_id="e")
@@ -142,6 +142,39 @@ def test_request_paths_and_catalog_only():
         assert [i["item_id"] for i in out["items"]] == ["c"] and be.calls[-1][0] == "full"
     with pytest.raises(UnknownItems, match="'zz'"):
         recommend(state(be), "u1", ["a", "zz"], 5, 5)
+
+
+def test_unknown_users_get_popular_items_without_generation():
+    from onerec_prod.serving.service import popular_items
+
+    items = {it["item_id"]: it for it in ITEMS}
+    rows = {"x": UserPrefixes("x", ("c", "a", "c", "gone"), None, ()), "y": UserPrefixes("y", ("c", "b", "a"), None, ())}
+    pop = popular_items(rows, items, 2)
+    assert [sid for sid, _ in pop] == [(2, 0, 0), (0, 1, 2)]  # c: 3, a: 2, b: 1; 'gone' is not in the catalog
+    assert pop[0][1] > pop[1][1] and all(score < 0 for _, score in pop)
+    assert [sid for sid, _ in popular_items({}, items, 5)] == [(0, 1, 2), (0, 1, 3), (2, 0, 0)]  # id order
+
+    be = FakeBackend([], [])
+    out = recommend(state(be, popular=pop), "stranger", [], 5, 5)
+    assert (out["path"], out["fallback_reason"]) == ("fallback", "unknown_user")
+    assert [i["item_id"] for i in out["items"]] == ["c", "a"] and be.calls == []
+    assert len(recommend(state(be, popular=pop), "stranger", [], 1, 5)["items"]) == 1
+
+
+def test_deadline_drops_work_before_generation():
+    import time
+
+    from onerec_prod.serving.backends import DeadlineExceeded, check_deadline
+
+    be = FakeBackend([((0, 1, 3), -1.0)], [((2, 0, 0), -0.7)])
+    past = time.monotonic() - 1
+    for user, events in (("u1", []), ("u1", ["c"]), ("nobody", [])):
+        with pytest.raises(DeadlineExceeded):
+            recommend(state(be), user, events, 5, 5, deadline=past)
+    assert be.calls == []
+    check_deadline(None)
+    check_deadline(time.monotonic() + 60)
+    assert recommend(state(be), "u1", [], 5, 5, deadline=time.monotonic() + 60)["path"] == "prefix"
 
 
 def test_empty_completion_falls_back():
@@ -176,11 +209,14 @@ def test_resolvers_pinned_following_and_once(monkeypatch, tmp_path):
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "test.yaml",
                       [f"paths.var_root={tmp_path}"], environ={})
-    answers = iter([("1", tmp_path / "v1"), ("2", tmp_path / "v2")])
-    monkeypatch.setattr(registry, "champion", lambda c: next(answers))
+    answers = iter(["1", "1", "2"])
+    fetched = []
+    monkeypatch.setattr(registry, "aliases", lambda c: {"champion": next(answers)})
+    monkeypatch.setattr(registry, "version_dir", lambda c, v: fetched.append(v) or tmp_path / f"v{v}")
     follow = default_resolver(cfg, model_dir=None, model_version=None, follow_champion=True)
-    assert [follow()[0], follow()[0]] == ["1", "2"]
-    answers = iter([("5", tmp_path / "v5"), ("6", tmp_path / "v6")])
+    assert [follow(), follow(), follow()] == [("1", tmp_path / "v1"), ("1", tmp_path / "v1"), ("2", tmp_path / "v2")]
+    assert fetched == ["1", "2"]  # files fetched and hash-checked once per version change
+    answers = iter(["5", "6"])
     once = default_resolver(cfg, model_dir=None, model_version=None, follow_champion=False)
     assert [once()[0], once()[0]] == ["5", "5"]
     (tmp_path / "m").mkdir()
