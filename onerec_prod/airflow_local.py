@@ -282,6 +282,33 @@ def task_progress(cfg: Config, run_id: str) -> str:
     return f"{done}/{len(rows)} tasks done" + (f"; running: {', '.join(running)}" if running else "")
 
 
+def task_durations(cfg: Config) -> dict[str, dict[str, float]]:
+    """``{day: {task_id: seconds}}`` of onerec_daily's finished task instances, read-only from the
+    local sqlite metadata DB (Airflow's own durations: task process start to end, last try);
+    {} when there is no DB yet."""
+    import sqlite3
+
+    db = airflow_home(cfg) / "airflow.db"
+    if not db.exists():
+        return {}
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = con.execute(
+                "SELECT dr.logical_date, ti.task_id, ti.duration FROM task_instance ti JOIN dag_run dr "
+                "ON ti.dag_id = dr.dag_id AND ti.run_id = dr.run_id WHERE ti.dag_id = ? "
+                "AND ti.state IN ('success', 'failed') AND ti.duration IS NOT NULL", (DAG_ID,)).fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        log.warning("task durations unreadable from %s: %s", db, e)
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for logical_date, task_id, duration in rows:
+        out.setdefault(str(logical_date)[:10], {})[task_id] = round(float(duration), 1)
+    return out
+
+
 def backfill(cfg: Config, env: dict[str, str], from_date: str, to_date: str, timeout_s: float = 6 * 3600) -> list[dict]:
     """Airflow's own backfill of the range; waits for every run; returns runs with their states."""
     wait_for_dag(cfg, env)
