@@ -7,11 +7,13 @@ server beside the scheduler; each Spark task (``pipeline.run_stage``) posts
 ``{job, dt, config}`` to it and gets the job's summary back. The job runs in the server's warm
 session with exactly the code it runs in-process (``jobs.<name>.run(spark, dt, cfg)``).
 
-Why not Spark Connect: the jobs use the classic API in places Connect does not offer
-(``sparkContext.broadcast`` in build_samples' executor path, py4j-backed ``DeltaTable`` MERGE
-metrics), and Delta through Connect needs a second server plugin (delta-connect-server). A
-driver process that runs the unchanged jobs keeps one code path for run-day, tests, the shared
-server and the cluster (where every task stays its own Spark application).
+Why not Spark Connect: a Connect client has no ``SparkContext``, and the jobs use it
+(``sparkContext.broadcast`` in build_samples' executor path, ``setLogLevel`` in ``get_spark``);
+Delta's MERGE through Connect also needs Delta's Connect plugin and its jar on the server side
+(delta-connect-server, one more artifact to resolve and keep in step with Spark). A driver process
+that runs the unchanged jobs keeps one code path for run-day, tests, the shared server and the
+cluster (where every task stays its own Spark application), and the task processes no longer
+import pyspark at all.
 
 Protocol (HTTP on 127.0.0.1, stdlib only; a token file under ``<var>/spark-server/`` keeps
 other local users out):
