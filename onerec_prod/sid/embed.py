@@ -166,7 +166,7 @@ class EmbeddingCache:
                 log.warning("embedding cache: unreadable shard %s skipped", shard)
                 continue
             for k, v in zip(keys, emb):
-                out[bytes(k)] = v
+                out[k.tobytes()] = v
         return out
 
     def get(self, texts: Sequence[str]) -> tuple[list[np.ndarray | None], list[int]]:
@@ -182,7 +182,8 @@ class EmbeddingCache:
         if not len(texts):
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        keys = np.frombuffer(b"".join(self.key(t) for t in texts), dtype="S32")
+        # raw digest bytes as uint8 rows (an "S32" array would strip a digest's trailing zero bytes)
+        keys = np.frombuffer(b"".join(self.key(t) for t in texts), dtype=np.uint8).reshape(-1, 32)
         name = f"shard-{time.time_ns():020d}-{os.getpid()}"
         tmp = self.dir / f".{name}.tmp.npz"
         np.savez(tmp, keys=keys, emb=np.asarray(emb, dtype=np.float32))
