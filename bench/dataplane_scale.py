@@ -343,7 +343,7 @@ def _report(results: dict, cores: int) -> None:
            f"{'drvPy':>7}{'wrkPy':>7}{'in MB':>8}{'shufR':>8}{'shufW':>8}{'shuf%t':>7}")
     print(hdr)
     for n, r in results.items():
-        ev = r["steps"]["ingest_events"]["counts"]["events_written"] if "ingest_events" in r["steps"] else n
+        ev = ((r["steps"].get("ingest_events") or {}).get("counts") or {}).get("events_written", n)
         for step, s in r["steps"].items():
             if "error" in s:
                 print(f"{n:>9} {step:<20} FAILED: {s['error'][:200]}")
