@@ -86,20 +86,25 @@ def merge_catalog(spark, path: str, updates) -> dict[str, int]:
 def assign_missing_sids(spark, cfg: Config, path: str) -> dict[str, int | str | None]:
     """Give catalog rows without a SID one from the SID service; existing SIDs never change."""
     from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
 
     try:
-        from onerec_prod.sid.service import ensure_sids
+        from onerec_prod.sid.service import current_version, ensure_sids
     except ImportError as e:
         log.warning("%s: SID service not importable (%s); sid left null", JOB, e)
         return {"sids_assigned": 0, "sid_status": "unavailable"}
     cat = DeltaTable.forPath(spark, path).toDF()
     if cat.where("sid IS NULL").limit(1).count() == 0:
         return {"sids_assigned": 0, "sid_status": "complete"}
+    # Only the first fit embeds every item; afterwards the items that have a SID are needed for
+    # their codes alone (collision avoidance), so their text stays out of the driver.
+    fit = current_version(cfg) is None
+    text = [F.col(c) if fit else F.when(F.col("sid").isNull(), F.col(c)).alias(c) for c in TEXT_COLUMNS]
     rows = [
         {"item_id": r["item_id"], "title": r["title"], "categories": r["categories"],
          "description": r["description"], "sid": list(r["sid"]) if r["sid"] is not None else None,
          "sid_version": r["sid_version"]}
-        for r in cat.select("item_id", *TEXT_COLUMNS, "sid", "sid_version").orderBy("item_id").collect()
+        for r in cat.select("item_id", *text, "sid", "sid_version").orderBy("item_id").collect()
     ]
     mapping, version = ensure_sids(cfg, rows)
     missing = {r["item_id"] for r in rows if r["sid"] is None}

@@ -1,7 +1,10 @@
 """Local Airflow for the embedded default: started, driven and stopped by the project itself.
 
 ``onerec-prod airflow up``        migrate the sqlite DB, create the GPU pool, start the API server,
-                                  the DAG processor and the scheduler (LocalExecutor), wait healthy
+                                  the DAG processor and the scheduler (LocalExecutor), and with
+                                  ``spark.shared_session`` the Spark server that runs every Spark
+                                  task in one warm session (:mod:`onerec_prod.spark_server`); wait
+                                  until all are healthy
 ``onerec-prod airflow backfill --from-date A --to-date B``
                                   Airflow's own backfill of onerec_daily, in date order, one run at
                                   a time; waits and reports each run's state
@@ -30,6 +33,7 @@ from onerec_prod.config import REPO_ROOT, Config
 log = logging.getLogger(__name__)
 DAG_ID = "onerec_daily"
 SERVICES = ("api-server", "dag-processor", "scheduler")
+SPARK_SERVER = "spark-server"  # with spark.shared_session: one warm Spark driver for every Spark task
 
 
 def airflow_home(cfg: Config) -> Path:
@@ -90,6 +94,10 @@ def airflow_env(cfg: Config, config_path: str | None, extra: dict[str, str] | No
     if config_path:
         env["ONEREC_CONFIG"] = str(Path(config_path).resolve())
     env.update(extra or {})
+    if cfg.spark.shared_session:  # the Spark tasks submit to the one server `up` starts
+        from onerec_prod.spark_server import ENV_URL, server_url
+
+        env[ENV_URL] = server_url(cfg)
     return env
 
 
@@ -123,7 +131,7 @@ def _healthy(port: int) -> bool:
 
 
 def up(cfg: Config, config_path: str | None, extra_env: dict[str, str] | None = None, timeout_s: float = 240) -> dict:
-    """Migrate, create the pool, start the three services; idempotent (reuses live ones)."""
+    """Migrate, create the pool, start the services (and the Spark server); idempotent (reuses live ones)."""
     env = airflow_env(cfg, config_path, extra_env)
     home = airflow_home(cfg)
     pids = _read_pids(cfg)
@@ -136,9 +144,13 @@ def up(cfg: Config, config_path: str | None, extra_env: dict[str, str] | None = 
     _af(cfg, env, "pools", "set", cfg.airflow.gpu_pool, str(cfg.airflow.gpu_pool_slots),
         "GPU pool: training, RL, eval and precompute tasks")
     pids = {}
-    for svc in SERVICES:
+    commands = {svc: [_airflow_bin(), svc] for svc in SERVICES}
+    if cfg.spark.shared_session:
+        # first: its JVM start is the longest, and it overlaps with Airflow's own start-up
+        commands = {SPARK_SERVER: [sys.executable, "-m", "onerec_prod.cli", "spark-server"], **commands}
+    for svc, cmd in commands.items():
         logf = open(home / f"{svc}.log", "ab")  # noqa: SIM115 (kept open by the child)
-        p = subprocess.Popen([_airflow_bin(), svc], env=env, stdout=logf, stderr=subprocess.STDOUT,
+        p = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
                              start_new_session=True, cwd=str(REPO_ROOT))
         pids[svc] = p.pid
     _pids_file(cfg).write_text(json.dumps(pids))
@@ -152,6 +164,15 @@ def up(cfg: Config, config_path: str | None, extra_env: dict[str, str] | None = 
             down(cfg)
             raise RuntimeError(f"airflow {dead} exited at start; see {home}/{dead[0]}.log")
         time.sleep(2)
+    if SPARK_SERVER in pids:
+        from onerec_prod.spark_server import SparkServerUnavailable, server_url, wait_ready
+
+        try:
+            wait_ready(server_url(cfg), max(timeout_s - (time.time() - t0), 30),
+                       alive=lambda: _alive(pids[SPARK_SERVER]))
+        except SparkServerUnavailable as e:
+            down(cfg)
+            raise RuntimeError(f"{e}; see {home}/{SPARK_SERVER}.log") from None
     log.info("local airflow up in %.0fs: %s (api http://127.0.0.1:%d)", time.time() - t0, pids, cfg.airflow.api_port)
     return pids
 
@@ -259,6 +280,33 @@ def task_progress(cfg: Config, run_id: str) -> str:
     done = sum(1 for _, st in rows if st in ("success", "skipped", "failed", "upstream_failed"))
     running = sorted(t for t, st in rows if st in ("running", "queued", "scheduled", "up_for_retry"))
     return f"{done}/{len(rows)} tasks done" + (f"; running: {', '.join(running)}" if running else "")
+
+
+def task_durations(cfg: Config) -> dict[str, dict[str, float]]:
+    """``{day: {task_id: seconds}}`` of onerec_daily's finished task instances, read-only from the
+    local sqlite metadata DB (Airflow's own durations: task process start to end, last try);
+    {} when there is no DB yet."""
+    import sqlite3
+
+    db = airflow_home(cfg) / "airflow.db"
+    if not db.exists():
+        return {}
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = con.execute(
+                "SELECT dr.logical_date, ti.task_id, ti.duration FROM task_instance ti JOIN dag_run dr "
+                "ON ti.dag_id = dr.dag_id AND ti.run_id = dr.run_id WHERE ti.dag_id = ? "
+                "AND ti.state IN ('success', 'failed') AND ti.duration IS NOT NULL", (DAG_ID,)).fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        log.warning("task durations unreadable from %s: %s", db, e)
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for logical_date, task_id, duration in rows:
+        out.setdefault(str(logical_date)[:10], {})[task_id] = round(float(duration), 1)
+    return out
 
 
 def backfill(cfg: Config, env: dict[str, str], from_date: str, to_date: str, timeout_s: float = 6 * 3600) -> list[dict]:

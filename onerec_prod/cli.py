@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "precompute": ("onerec_prod.serving.precompute_cli", "Think-Ahead precompute of per-user SID prefixes for a date."),
     "serve": ("onerec_prod.serving.cli", "Run the online recommendation service (FastAPI)."),
     "run-day": ("onerec_prod.pipeline", "Run every stage of one day in-process (no Airflow), in DAG order."),
+    "spark-server": ("onerec_prod.spark_server", "Long-lived local Spark driver that runs the DAG's Spark tasks (started by `airflow up`)."),
     "airflow": ("onerec_prod.airflow_local", "Start/stop the local Airflow (scheduler + API server), backfill a range."),
 }
 

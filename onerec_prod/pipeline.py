@@ -127,13 +127,25 @@ def stage_landing(cfg: Config, dt: str, **_: Any) -> dict[str, Any]:
 
 
 def _spark_stage(name: str, cfg: Config, dt: str) -> dict[str, Any]:
-    import importlib
+    """Run Spark job ``name``: on the shared local Spark server when this process was started by
+    the local Airflow with one (``$ONEREC_SPARK_SERVER``), else in this process's own session.
 
+    A server that is down, still starting or on another Spark config is not an error: the job then
+    runs here (same code, a JVM of its own), with a warning saying why.
+    """
+    from onerec_prod import spark_server
+
+    url = os.environ.get(spark_server.ENV_URL)
+    if url and cfg.spark.shared_session:
+        try:
+            rec = spark_server.submit(url, cfg, name, dt)
+            rec.setdefault("extra", {})["spark_session"] = "shared"
+            return rec
+        except spark_server.SparkServerUnavailable as e:
+            log.warning("stage %s dt=%s: %s; running in this process instead", name, dt, e)
     from onerec_prod.spark import get_spark
 
-    job = importlib.import_module(f"jobs.{name}")
-    result = job.run(get_spark(cfg.spark), dt, cfg)
-    return result.to_dict()
+    return spark_server.run_job(get_spark(cfg.spark), name, dt, cfg)
 
 
 def stage_train(cfg: Config, dt: str, *, path: str | None = None, **_: Any) -> dict[str, Any]:

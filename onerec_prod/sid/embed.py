@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -133,3 +134,74 @@ def embed_texts(texts: Sequence[str], sid_cfg: SidCfg, *, log_every_s: float = 1
 def embed_items(rows: Sequence[Mapping], sid_cfg: SidCfg) -> np.ndarray:
     """Embed catalog rows (dicts with title, categories, description) in row order."""
     return embed_texts([item_text(r) for r in rows], sid_cfg)
+
+
+class EmbeddingCache:
+    """Embeddings on disk keyed by ``sha256(text)``, one directory per encoder (weights hash).
+
+    Why: an item's embedding depends only on its text and the encoder, so the text of an item is
+    embedded once, ever: a refit (``sid-fit``) or a rebuilt bootstrap re-reads the vectors instead
+    of re-running MiniLM over the whole catalog (minutes on CPU), and a day that re-sends a known
+    text costs nothing. Shards are append-only ``.npz`` files written atomically (temp + rename),
+    so concurrent writers and a crash mid-write never corrupt what is there; a shard a reader
+    cannot parse is skipped (a cache miss, not an error).
+    """
+
+    def __init__(self, root: str | Path, weights_sha256: str) -> None:
+        self.dir = Path(root) / weights_sha256
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(text: str) -> bytes:
+        return hashlib.sha256(text.encode()).digest()
+
+    def _load(self) -> dict[bytes, np.ndarray]:
+        out: dict[bytes, np.ndarray] = {}
+        for shard in sorted(self.dir.glob("shard-*.npz")):
+            try:
+                with np.load(shard) as z:
+                    keys, emb = z["keys"], z["emb"]
+            except (OSError, ValueError, KeyError):
+                log.warning("embedding cache: unreadable shard %s skipped", shard)
+                continue
+            for k, v in zip(keys, emb):
+                out[k.tobytes()] = v
+        return out
+
+    def get(self, texts: Sequence[str]) -> tuple[list[np.ndarray | None], list[int]]:
+        """(vector or None per text, indices of the misses)."""
+        known = self._load() if self.dir.is_dir() else {}
+        got = [known.get(self.key(t)) for t in texts]
+        miss = [i for i, v in enumerate(got) if v is None]
+        self.hits += len(texts) - len(miss)
+        self.misses += len(miss)
+        return got, miss
+
+    def put(self, texts: Sequence[str], emb: np.ndarray) -> None:
+        if not len(texts):
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # raw digest bytes as uint8 rows (an "S32" array would strip a digest's trailing zero bytes)
+        keys = np.frombuffer(b"".join(self.key(t) for t in texts), dtype=np.uint8).reshape(-1, 32)
+        name = f"shard-{time.time_ns():020d}-{os.getpid()}"
+        tmp = self.dir / f".{name}.tmp.npz"
+        np.savez(tmp, keys=keys, emb=np.asarray(emb, dtype=np.float32))
+        os.replace(tmp, self.dir / f"{name}.npz")
+
+
+def embed_items_cached(rows: Sequence[Mapping], sid_cfg: SidCfg, cache: EmbeddingCache | None) -> np.ndarray:
+    """:func:`embed_items` that embeds only the texts ``cache`` lacks (all of them when None)."""
+    if cache is None:
+        return embed_items(rows, sid_cfg)
+    texts = [item_text(r) for r in rows]
+    got, miss = cache.get(texts)
+    if miss:
+        fresh = embed_items([rows[i] for i in miss], sid_cfg)
+        cache.put([texts[i] for i in miss], fresh)
+        for j, i in enumerate(miss):
+            got[i] = fresh[j]
+    log.info("embeddings: %d from the cache, %d computed", len(rows) - len(miss), len(miss))
+    if not rows:
+        return embed_items(rows, sid_cfg)
+    return np.stack(got).astype(np.float32, copy=False)

@@ -150,6 +150,13 @@ def _model_id(sid_cfg: SidCfg) -> dict:
     return _embed.embed_model_id(str(_embed.embed_model_dir(sid_cfg)))
 
 
+def _embed_cache(cfg: Config) -> _embed.EmbeddingCache | None:
+    """The on-disk embedding cache of the configured encoder (None: ``sid.embed_cache`` is off)."""
+    if not cfg.sid.embed_cache:
+        return None
+    return _embed.EmbeddingCache(sid_root(cfg) / "embed_cache", _model_id(cfg.sid)["weights_sha256"])
+
+
 def _fit(cfg: Config, rows: list[dict], source: str) -> tuple[dict[str, Sid], Codebook]:
     texts = [_embed.item_text(r) for r in rows]
     h = hashlib.sha256()
@@ -157,7 +164,7 @@ def _fit(cfg: Config, rows: list[dict], source: str) -> tuple[dict[str, Sid], Co
         h.update(f"{r['item_id']}\t{t}\n".encode())
     log.info("fitting SID codebooks on %d items (%d levels x %d + collision %d)", len(rows),
              cfg.sid.levels, cfg.sid.codebook_size, cfg.sid.collision_size)
-    emb = _embed.embed_items(rows, cfg.sid)
+    emb = _embed.embed_items_cached(rows, cfg.sid, _embed_cache(cfg))
     cb = fit_codebook(emb, cfg.sid, embed_model=_model_id(cfg.sid),
                       created_from={"source": source, "n_items": len(rows), "items_sha256": h.hexdigest()[:16]})
     sids = assign_sids(cb, emb)
@@ -199,7 +206,7 @@ def ensure_sids(cfg: Config, rows: Iterable[Mapping]) -> tuple[dict[str, Sid], s
     out = dict(existing)
     if new:
         _check_compatible(cfg.sid, cb, _model_id(cfg.sid))
-        emb = _embed.embed_items(new, cfg.sid)
+        emb = _embed.embed_items_cached(new, cfg.sid, _embed_cache(cfg))
         sids = assign_sids(cb, emb, existing=existing.values())
         out.update({r["item_id"]: s for r, s in zip(new, sids)})
         log.info("assigned SIDs of %s to %d new items (%d existing kept)", cur, len(new), len(existing))

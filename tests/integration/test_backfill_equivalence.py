@@ -38,6 +38,10 @@ OVERRIDES = [
     # ports of its own, so the test can run beside `make demo` or a developer's local Airflow
     "airflow.api_port=28180",
     "airflow.log_server_port=28893",
+    # the backfill's Spark tasks run on the local runtime's shared Spark server (the daily runs
+    # in-process): the tables must not tell the two apart
+    "spark.shared_session=true",
+    "spark.server_port=28193",
 ]
 
 

@@ -293,3 +293,56 @@ def test_job_entry_points(lakes, capsys):
     assert out["job"] == "build_eval_snapshot" and out["counts"] == {"eval_events": want}
     assert cli_main(["--config", "configs/test.yaml", *sets, "job", "all", "--date", "2014-3-1"]) == 2
     assert "expected YYYY-MM-DD" in capsys.readouterr().out
+
+
+def test_shared_spark_server_writes_the_same_tables(lakes, spark, beauty_slice, tmp_path):
+    """The local runtime's one warm Spark driver (``onerec-prod spark-server``) runs the jobs sent
+    by the tasks' ``run_stage`` and writes exactly what in-process runs write (lake A); a job's own
+    error reaches the task with its type and message; a task on another Spark config is refused
+    (and then runs in its own session)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from onerec_prod import spark_server
+    from onerec_prod.airflow_local import overrides_env
+    from onerec_prod.config import load_config
+    from onerec_prod.pipeline import run_stage
+
+    sets = [f"paths.var_root={tmp_path / 'c'}", f"paths.raw_root={lakes['raw']}",
+            f"paths.dataset_dir={beauty_slice}", "spark.shared_session=true", "spark.server_port=28491",
+            "data.assign_sids=false"]
+    cfg = load_config(REPO / "configs" / "test.yaml", sets, environ={})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONEREC")}
+    env.update(overrides_env(sets), ONEREC_CONFIG=str(REPO / "configs" / "test.yaml"))
+    url = spark_server.server_url(cfg)
+    proc = subprocess.Popen([sys.executable, "-m", "onerec_prod.cli", "spark-server"], env=env, cwd=REPO,
+                            start_new_session=True)
+    try:
+        assert spark_server.wait_ready(url, 300, alive=lambda: proc.poll() is None)["ready"]
+        from jobs.runner import JOBS
+
+        for dt in DAYS:
+            for name in JOBS:
+                got = spark_server.submit(url, cfg, name, dt)
+                assert got["counts"] == lakes["results"][(name, dt)].counts, (name, dt)
+        assert snapshot(spark, cfg) == lakes["first"]
+        # through the stage runner, as an Airflow task with $ONEREC_SPARK_SERVER calls it
+        os.environ[spark_server.ENV_URL] = url
+        try:
+            rec = run_stage("build_eval_snapshot", DAYS[2], cfg)
+        finally:
+            del os.environ[spark_server.ENV_URL]
+        assert rec["extra"]["spark_session"] == "shared"
+        assert rec["counts"] == lakes["results"][("build_eval_snapshot", DAYS[2])].counts
+        with pytest.raises(FileNotFoundError, match="no landing data"):
+            spark_server.submit(url, cfg, "ingest_events", "2014-03-09")
+        other = load_config(REPO / "configs" / "test.yaml", [*sets, "spark.shuffle_partitions=3"], environ={})
+        with pytest.raises(spark_server.SparkServerUnavailable, match="spark config differs"):
+            spark_server.submit(url, other, "ingest_events", DAYS[1])
+        assert spark_server.health(url)["jobs_run"] == 4 * len(DAYS) + 2
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    assert spark_server.health(url, timeout_s=1) is None

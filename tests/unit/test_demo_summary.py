@@ -86,3 +86,35 @@ def test_fault_check_matches_injected_lines_with_quarantined_ones(tmp_path):
     # one bad line that was neither written nor quarantined: said, not hidden
     write_record(cfg, "2014-01-01", "ingest_events", {"counts": {"events_written": 20, "quarantined": 7}})
     assert fault_check(cfg, parts)["nothing_lost"] is False
+
+
+def test_task_seconds_come_from_airflow_metadata_db(tmp_path):
+    """Per-task seconds per day, read from Airflow's sqlite tables (the columns Airflow 3 has)."""
+    import sqlite3
+
+    from onerec_prod.airflow_local import airflow_home, task_durations
+    from onerec_prod.demo import task_seconds_rows
+
+    cfg = _cfg(tmp_path)
+    airflow_home(cfg).mkdir(parents=True)
+    con = sqlite3.connect(airflow_home(cfg) / "airflow.db")
+    con.execute("CREATE TABLE dag_run (id INTEGER, dag_id TEXT, run_id TEXT, logical_date TEXT)")
+    con.execute("CREATE TABLE task_instance (id TEXT, dag_id TEXT, run_id TEXT, task_id TEXT, "
+                "duration FLOAT, state TEXT)")
+    con.executemany("INSERT INTO dag_run VALUES (?, 'onerec_daily', ?, ?)",
+                    [(1, "r1", "2014-01-01 00:00:00.000000"), (2, "r2", "2014-01-02 00:00:00.000000")])
+    con.executemany("INSERT INTO task_instance VALUES (?, 'onerec_daily', ?, ?, ?, ?)", [
+        ("a", "r1", "ingest_events", 23.04, "success"), ("b", "r1", "incremental_sft", 40.0, "success"),
+        ("c", "r1", "bootstrap_alignment", 0.0, "skipped"), ("d", "r1", "build_samples", 35.0, "success"),
+        ("e", "r2", "ingest_events", 9.0, "failed"), ("f", "r2", "build_samples", None, "upstream_failed"),
+    ])
+    con.commit()
+    con.close()
+    got = task_durations(cfg)
+    assert got == {"2014-01-01": {"ingest_events": 23.0, "incremental_sft": 40.0, "build_samples": 35.0},
+                   "2014-01-02": {"ingest_events": 9.0}}
+    rows = task_seconds_rows(got, ["2014-01-01", "2014-01-02", "2014-01-03"])
+    assert list(rows[0]) == ["dt", "ingest_events", "build_samples", "incremental_sft", "spark_total", "total"]
+    assert rows[0]["spark_total"] == 58.0 and rows[0]["total"] == 98.0
+    assert rows[1]["build_samples"] is None and rows[1]["total"] == 9.0
+    assert rows[2]["total"] is None  # a day Airflow never ran

@@ -66,6 +66,20 @@ def _rows(items, mapping=None, version=None):
 # ---------------------------------------------------------------------------- embedding
 
 
+def test_embedding_cache_embeds_each_text_once(tmp_path, beauty_items):
+    """A text is embedded once per encoder; cached vectors are the encoder's; a torn shard is a miss."""
+    cache = sid_embed.EmbeddingCache(tmp_path, "enc-a")
+    a = sid_embed.embed_items_cached(beauty_items[:6], SMALL, cache)
+    assert (cache.hits, cache.misses) == (0, 6)
+    (cache.dir / "shard-0-torn.npz").write_bytes(b"not a zip")  # e.g. a foreign partial file
+    b = sid_embed.embed_items_cached(beauty_items[2:7], SMALL, cache)
+    assert (cache.hits, cache.misses) == (4, 7)  # only item 6 was computed
+    np.testing.assert_array_equal(b[:4], a[2:6])
+    np.testing.assert_allclose(b[4], sid_embed.embed_items(beauty_items[6:7], SMALL)[0], atol=1e-5)
+    other = sid_embed.EmbeddingCache(tmp_path, "enc-b")  # another encoder shares nothing
+    assert other.get([sid_embed.item_text(beauty_items[0])])[1] == [0]
+
+
 def test_embedding_is_deterministic_and_normalised(beauty_items, text_vectors):
     texts = [sid_embed.item_text(r) for r in beauty_items[:12]]
     a = sid_embed.embed_texts(texts, SMALL)

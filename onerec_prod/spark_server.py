@@ -1,0 +1,296 @@
+"""One long-lived Spark driver for a day's Spark tasks (local runtime): ``onerec-prod spark-server``.
+
+Why: a local Airflow task is a fresh process, so each Spark stage used to pay for its own JVM,
+Delta's class loading and a cold JIT: ~20-30 s of fixed cost per task, ~2 minutes per day for a
+few hundred events. With ``spark.shared_session: true``, ``onerec-prod airflow up`` starts this
+server beside the scheduler; each Spark task (``pipeline.run_stage``) posts
+``{job, dt, config}`` to it and gets the job's summary back. The job runs in the server's warm
+session with exactly the code it runs in-process (``jobs.<name>.run(spark, dt, cfg)``).
+
+Why not Spark Connect: a Connect client has no ``SparkContext``, and the jobs use it
+(``sparkContext.broadcast`` in build_samples' executor path, ``setLogLevel`` in ``get_spark``);
+Delta's MERGE through Connect also needs Delta's Connect plugin and its jar on the server side
+(delta-connect-server, one more artifact to resolve and keep in step with Spark). A driver process
+that runs the unchanged jobs keeps one code path for run-day, tests, the shared server and the
+cluster (where every task stays its own Spark application), and the task processes no longer
+import pyspark at all.
+
+Protocol (HTTP on 127.0.0.1, stdlib only; a token file under ``<var>/spark-server/`` keeps
+other local users out):
+
+* ``GET /health`` -> 200 ``{"ready": true, ...}`` once the session is up (503 before);
+* ``POST /run`` ``{"job", "dt", "config"}`` -> ``{"ok": true, "result": {...}, "log": [...]}``
+  or ``{"ok": false, "error": "...", "error_type": "...", "log": [...]}``.
+
+Jobs run one at a time (a lock): the DAG has one Spark stage at a time per day and one active run,
+so this costs nothing and keeps two days from sharing cached frames. The server refuses a request
+whose ``spark`` config differs from its own (the client then runs the job in-process), so a
+per-run Spark override is never silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from onerec_prod.config import Config
+
+log = logging.getLogger(__name__)
+ENV_URL = "ONEREC_SPARK_SERVER"  # set by `airflow up` in every task's environment
+_TOKEN_HEADER = "X-Onerec-Token"
+
+
+class SparkServerUnavailable(RuntimeError):
+    """The shared Spark server cannot take the job (down, not ready, or another Spark config)."""
+
+
+def server_dir(cfg: Config) -> Path:
+    return cfg.paths.var / "spark-server"
+
+
+def token_path(cfg: Config) -> Path:
+    return server_dir(cfg) / "token"
+
+
+def server_url(cfg: Config) -> str:
+    return f"http://127.0.0.1:{cfg.spark.server_port}"
+
+
+def _ensure_token(cfg: Config) -> str:
+    p = token_path(cfg)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if not p.exists():
+        tmp = p.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(secrets.token_urlsafe(32))
+        tmp.chmod(0o600)
+        os.replace(tmp, p)
+    return p.read_text().strip()
+
+
+class _Capture(logging.Handler):
+    """Collects the log lines a job emits, so the calling task's log shows them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.lines) < 5000:
+            self.lines.append(self.format(record))
+
+
+class _State:
+    def __init__(self, cfg: Config, token: str) -> None:
+        self.cfg = cfg
+        self.token = token
+        self.spark = None
+        self.ready = threading.Event()
+        self.error: str | None = None
+        self.lock = threading.Lock()
+        self.started = time.time()
+        self.jobs_run = 0
+
+
+def run_job(spark, job: str, dt: str, cfg: Config) -> dict[str, Any]:
+    """``jobs.<job>.run(spark, dt, cfg).to_dict()``: what a Spark stage returns, in-process or here."""
+    import importlib
+
+    from onerec_prod.pipeline import SPARK_STAGES
+
+    if job not in SPARK_STAGES:
+        raise ValueError(f"unknown Spark job {job!r} (valid: {', '.join(SPARK_STAGES)})")
+    return importlib.import_module(f"jobs.{job}").run(spark, dt, cfg).to_dict()
+
+
+def _handler(state: _State):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, fmt: str, *args: Any) -> None:  # quiet: one line per job is logged below
+            return
+
+        def _send(self, code: int, body: dict) -> None:
+            data = json.dumps(body, default=str).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path != "/health":
+                return self._send(404, {"error": "not found"})
+            body = {"ready": state.ready.is_set() and state.error is None, "error": state.error,
+                    "pid": os.getpid(), "master": state.cfg.spark.master,
+                    "uptime_s": round(time.time() - state.started, 1), "jobs_run": state.jobs_run}
+            return self._send(200 if body["ready"] else 503, body)
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path != "/run":
+                return self._send(404, {"error": "not found"})
+            if not secrets.compare_digest(self.headers.get(_TOKEN_HEADER, ""), state.token):
+                return self._send(403, {"ok": False, "error": "bad or missing token"})
+            try:
+                req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                cfg = Config.model_validate(req["config"])
+                job, dt = str(req["job"]), str(req["dt"])
+            except Exception as e:  # noqa: BLE001 (a bad request is answered, not fatal)
+                return self._send(400, {"ok": False, "error": f"bad request: {e}"})
+            if cfg.spark != state.cfg.spark:
+                return self._send(409, {"ok": False, "error": "spark config differs from the server's "
+                                        f"({state.cfg.spark.model_dump()} vs {cfg.spark.model_dump()})"})
+            if not state.ready.wait(timeout=600) or state.error:
+                return self._send(503, {"ok": False, "error": f"spark session not ready: {state.error}"})
+            capture = _Capture()
+            root = logging.getLogger()
+            with state.lock:
+                root.addHandler(capture)
+                t0 = time.time()
+                try:
+                    result = run_job(state.spark, job, dt, cfg)
+                    body = {"ok": True, "result": result}
+                except Exception as e:  # noqa: BLE001 (the task raises it, with the traceback)
+                    body = {"ok": False, "error": str(e), "error_type": type(e).__name__,
+                            "traceback": traceback.format_exc()}
+                finally:
+                    root.removeHandler(capture)
+                    try:  # nothing a job cached may outlive it
+                        state.spark.catalog.clearCache()
+                    except Exception:  # noqa: BLE001
+                        log.exception("clearCache failed")
+                    state.jobs_run += 1
+                log.info("job %s dt=%s: %s in %.1fs", job, dt, "ok" if body["ok"] else "FAILED",
+                         time.time() - t0)
+            body["log"] = capture.lines
+            return self._send(200, body)
+
+    return Handler
+
+
+def serve(cfg: Config) -> None:
+    """Bind the port at once (so the client can wait on /health), then start the session."""
+    from onerec_prod.spark import get_spark
+
+    state = _State(cfg, _ensure_token(cfg))
+    httpd = ThreadingHTTPServer(("127.0.0.1", cfg.spark.server_port), _handler(state))
+    httpd.daemon_threads = True
+    t = threading.Thread(target=httpd.serve_forever, name="spark-server-http", daemon=True)
+    t.start()
+    log.info("spark server listening on %s (pid %d); starting the session", server_url(cfg), os.getpid())
+    try:
+        t0 = time.time()
+        state.spark = get_spark(cfg.spark)
+        state.spark.range(1).count()  # load Spark's and Delta's classes before the first job
+        log.info("spark session ready in %.1fs", time.time() - t0)
+    except Exception as e:  # noqa: BLE001
+        state.error = f"{type(e).__name__}: {e}"
+        log.exception("spark session failed to start")
+    state.ready.set()
+    try:
+        while t.is_alive():
+            t.join(1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.shutdown()
+        if state.spark is not None:
+            state.spark.stop()
+
+
+# --------------------------------------------------------------------------------------
+# client
+
+
+def health(url: str, timeout_s: float = 3) -> dict | None:
+    """The server's /health body (``ready`` says whether it takes jobs), None if unreachable."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            return json.loads(e.read())
+        except ValueError:
+            return None
+    except (OSError, ValueError):
+        return None
+
+
+def wait_ready(url: str, timeout_s: float, alive=lambda: True) -> dict:
+    """Block until the server is ready; raises SparkServerUnavailable on timeout or start failure."""
+    t0 = time.time()
+    while True:
+        h = health(url)
+        if h and h.get("ready"):
+            return h
+        if h and h.get("error"):
+            raise SparkServerUnavailable(f"spark server at {url} failed to start: {h['error']}")
+        if not alive():
+            raise SparkServerUnavailable(f"spark server at {url} exited at start")
+        if time.time() - t0 > timeout_s:
+            raise SparkServerUnavailable(f"spark server at {url} not ready after {timeout_s:.0f}s")
+        time.sleep(1)
+
+
+def submit(url: str, cfg: Config, job: str, dt: str, timeout_s: float = 6 * 3600) -> dict[str, Any]:
+    """Run ``job`` for ``dt`` on the server; returns its summary, re-logging the job's lines here.
+
+    Raises:
+        SparkServerUnavailable: the server cannot take the job (the caller may run it in-process).
+        RuntimeError: the job itself failed; the message carries its error and traceback tail.
+    """
+    try:
+        token = token_path(cfg).read_text().strip()
+    except OSError as e:
+        raise SparkServerUnavailable(f"no spark server token at {token_path(cfg)}: {e}") from None
+    h = health(url)
+    if not h or not h.get("ready"):
+        raise SparkServerUnavailable(f"spark server at {url} is not ready: {h}")
+    body = json.dumps({"job": job, "dt": dt, "config": cfg.model_dump(mode="json")}).encode()
+    req = urllib.request.Request(f"{url}/run", data=body, method="POST",
+                                 headers={"Content-Type": "application/json", _TOKEN_HEADER: token})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            out = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise SparkServerUnavailable(f"spark server at {url} refused {job} (HTTP {e.code}): "
+                                     f"{e.read()[:1000].decode(errors='replace')}") from None
+    except (OSError, ValueError) as e:
+        raise SparkServerUnavailable(f"spark server at {url} lost while running {job}: {e}") from None
+    for line in out.get("log", []):
+        log.info("[spark-server] %s", line)
+    if not out.get("ok"):
+        # the exception types the jobs raise on purpose keep their type (the task's error is the same
+        # as in-process); anything else is a RuntimeError carrying the server-side traceback
+        cls = {"FileNotFoundError": FileNotFoundError, "ValueError": ValueError}.get(
+            str(out.get("error_type")), RuntimeError)
+        raise cls(f"{job} dt={dt} failed on the spark server: {out.get('error_type')}: "
+                  f"{out.get('error')}\n{(out.get('traceback') or '')[-4000:]}")
+    return out["result"]
+
+
+# --------------------------------------------------------------------------------------
+# CLI: onerec-prod spark-server
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["serve", "health"], nargs="?", default="serve",
+                   help="serve (default): run the server in the foreground; health: print its state.")
+
+
+def main(args: argparse.Namespace, cfg: Config) -> int:
+    if args.action == "health":
+        h = health(server_url(cfg))
+        print(json.dumps(h, indent=2) if h else f"no spark server at {server_url(cfg)}")
+        return 0 if h and h.get("ready") else 1
+    serve(cfg)
+    return 0
