@@ -177,7 +177,11 @@ def stage_gate_register(cfg: Config, dt: str, **_: Any) -> dict[str, Any]:
         "data_versions": _data_versions(cfg, dt),
         "config_hash": cfg.digest(),
     }
-    return gate_and_register(cfg, dt, cand, report, lineage)
+    from onerec_prod.registry.pyfunc import read_catalog
+
+    # the catalog the day's model was trained against: the candidate is registered as a pyfunc model
+    catalog = read_catalog(cfg, lineage["data_versions"].get("catalog"))
+    return gate_and_register(cfg, dt, cand, report, lineage, catalog=catalog)
 
 
 def stage_promote(cfg: Config, dt: str, *, is_backfill: bool = False, **_: Any) -> dict[str, Any]:
