@@ -500,6 +500,25 @@ def log_training_step(metrics: Mapping[str, float], step: int, *, prefix: str = 
         return False
 
 
+def mlflow_trainer_callback(prefix: str = "train/"):
+    """An HF ``TrainerCallback`` that sends every ``on_log`` (loss, learning_rate, grad_norm, ...)
+    of the main process to the open stage run at ``step=state.global_step``.
+
+    For ``onerec_prod.train.sft``: ``Trainer(..., callbacks=[..., mlflow_trainer_callback()])``. It
+    needs no MLflow set-up in the worker (see :func:`log_training_step`) and is a no-op outside a
+    stage run.
+    """
+    from transformers import TrainerCallback
+
+    class StageRunCurves(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs:
+                nums = {k: v for k, v in logs.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+                log_training_step(nums, int(state.global_step), prefix=prefix)
+
+    return StageRunCurves()
+
+
 def config_params(cfg: Config) -> dict[str, str]:
     """The resolved config as flat params (``train.lr`` -> ``0.001``)."""
     return {k: _as_str(v, MAX_PARAM_LEN) for k, v in flatten(cfg.model_dump(mode="json")).items()}
