@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"
@@ -325,6 +325,10 @@ class RegistryCfg(_Group):
         "for a shared tracking server); auto = file for sqlite/file URIs, else lease.",
     )
     lock_timeout_s: float = Field(60.0, gt=0, description="Max wait for the alias-move lock.")
+    ui_url: str | None = Field(
+        None, description="Base URL of the MLflow UI, for the run links printed in task logs "
+        "(None: the tracking URI when it is http(s), else the `mlflow ui` command to start one).",
+    )
 
     def uri(self, var_root: Path) -> str:
         return self.tracking_uri.replace("{var}", str(var_root))
@@ -370,6 +374,21 @@ class ServingCfg(_Group):
     openapi: bool = Field(False, description="Serve /openapi.json and /docs (off: they describe the API to anyone).")
 
 
+# The task ids of dags/onerec_daily.py (the DAG test checks they match), for typed per-task settings.
+DAG_TASK_IDS = (
+    "landing", "update_catalog", "ingest_events", "build_sequences", "build_eval_snapshot",
+    "build_samples", "choose_training_path", "bootstrap_alignment", "incremental_sft", "rl_refresh",
+    "evaluate", "gate_register", "promote", "precompute",
+)
+# Generous ceilings for the embedded default on CPU; the cluster config sets its own.
+DEFAULT_TASK_TIMEOUTS_S = {
+    "update_catalog": 3600, "ingest_events": 3600, "build_sequences": 3600, "build_eval_snapshot": 3600,
+    "build_samples": 2 * 3600, "choose_training_path": 600, "bootstrap_alignment": 8 * 3600,
+    "incremental_sft": 6 * 3600, "rl_refresh": 4 * 3600, "evaluate": 2 * 3600, "gate_register": 1800,
+    "promote": 900, "precompute": 2 * 3600,
+}
+
+
 class AirflowCfg(_Group):
     """Orchestration settings read by the DAG (pool, retries, slots)."""
 
@@ -393,6 +412,47 @@ class AirflowCfg(_Group):
     poll_interval_s: float = Field(
         20.0, gt=0, description="Local backfill progress poll interval (each poll is an airflow CLI call)."
     )
+    task_timeout_s: dict[str, int] = Field(
+        default_factory=lambda: dict(DEFAULT_TASK_TIMEOUTS_S),
+        description="execution_timeout per task id: a hung task fails (and alerts) instead of "
+        "silently stalling every later day behind depends_on_past. Keys: the DAG's task ids; the "
+        "given keys override the defaults one by one (the landing sensor uses sensor_timeout_s).",
+    )
+    dagrun_timeout_s: int | None = Field(
+        24 * 3600, ge=1, description="A day's run that is still running after this long fails (None = never)."
+    )
+    champion_deadline_h: float | None = Field(
+        12.0, gt=0,
+        description="Deadline alert: the day's run must have finished (champion refreshed, or the gate "
+        "said why not) this many hours after it was queued; else the notifier fires (None = off).",
+    )
+    notify_webhook_url: str | None = Field(
+        None, description="Failure/deadline notifications are POSTed here as JSON (None = log only)."
+    )
+    notify_timeout_s: float = Field(10.0, gt=0, description="Timeout of one webhook POST.")
+    chaos_hang_task: str | None = Field(
+        None,
+        description="Chaos drill: this task id sleeps until its execution_timeout kills it (checks the "
+        "timeouts and the failure notifier end to end). Never set in production configs.",
+    )
+
+    @field_validator("task_timeout_s", mode="before")
+    @classmethod
+    def _merge_timeouts(cls, v: Any) -> Any:
+        """``task_timeout_s.train=60`` overrides one task; the others keep their defaults."""
+        return {**DEFAULT_TASK_TIMEOUTS_S, **v} if isinstance(v, dict) else v
+
+    @model_validator(mode="after")
+    def _known_tasks(self) -> AirflowCfg:
+        unknown = sorted(set(self.task_timeout_s) - set(DAG_TASK_IDS))
+        if self.chaos_hang_task is not None and self.chaos_hang_task not in DAG_TASK_IDS:
+            unknown.append(self.chaos_hang_task)
+        if unknown:
+            raise ValueError(f"unknown task id(s) {unknown} (the DAG's tasks: {', '.join(DAG_TASK_IDS)})")
+        bad = {k: v for k, v in self.task_timeout_s.items() if v < 1}
+        if bad:
+            raise ValueError(f"task_timeout_s must be >= 1 s, got {bad}")
+        return self
 
 
 class ClusterCfg(_Group):

@@ -65,26 +65,6 @@ def read_record(cfg: Config, dt: str, stage: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _log_mlflow(cfg: Config, dt: str, stage: str, record: dict[str, Any]) -> None:
-    from onerec_prod.registry.tracking import log_step
-
-    metrics = {k: float(v) for k, v in _flat_numbers(record).items()}
-    log_step(cfg, dt, stage, params={"stage": stage}, metrics=metrics, artifacts={f"{stage}.json": record})
-
-
-def _flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, bool):
-            out[key] = float(v)
-        elif isinstance(v, int | float):
-            out[key] = float(v)
-        elif isinstance(v, dict) and len(key) < 80:
-            out.update(_flat_numbers(v, key + "."))
-    return {k.replace("@", "_at_"): v for k, v in out.items()}
-
-
 # --------------------------------------------------------------------------------------
 # paths of a day's artefacts
 
@@ -148,12 +128,13 @@ def _spark_stage(name: str, cfg: Config, dt: str) -> dict[str, Any]:
     return spark_server.run_job(get_spark(cfg.spark), name, dt, cfg)
 
 
-def stage_train(cfg: Config, dt: str, *, path: str | None = None, **_: Any) -> dict[str, Any]:
+def stage_train(cfg: Config, dt: str, *, path: str | None = None, force: bool = False,
+                **_: Any) -> dict[str, Any]:
     """Bootstrap alignment when no champion exists, else incremental SFT from the champion."""
     from onerec_prod.train.cli import train_day
 
     path = path or choose_training_path(cfg)
-    out = train_day(cfg, dt, bootstrap=(path == "bootstrap"))
+    out = train_day(cfg, dt, bootstrap=(path == "bootstrap"), force=force)
     meta = _read_meta(out)
     return {"path": path, "model_dir": str(out), "train_loss": meta.get("train_loss"), "meta": meta}
 
@@ -165,10 +146,10 @@ def choose_training_path(cfg: Config) -> str:
     return "incremental" if champion(cfg) is not None else "bootstrap"
 
 
-def stage_rl_refresh(cfg: Config, dt: str, **_: Any) -> dict[str, Any]:
+def stage_rl_refresh(cfg: Config, dt: str, *, force: bool = False, **_: Any) -> dict[str, Any]:
     from onerec_prod.train.grpo import rl_day
 
-    return rl_day(cfg, dt)
+    return rl_day(cfg, dt, force=force)
 
 
 def stage_evaluate(cfg: Config, dt: str, **_: Any) -> dict[str, Any]:
@@ -208,7 +189,11 @@ def stage_gate_register(cfg: Config, dt: str, **_: Any) -> dict[str, Any]:
         "data_versions": _data_versions(cfg, dt),
         "config_hash": cfg.digest(),
     }
-    return gate_and_register(cfg, dt, cand, report, lineage)
+    from onerec_prod.registry.pyfunc import read_catalog
+
+    # the catalog the day's model was trained against: the candidate is registered as a pyfunc model
+    catalog = read_catalog(cfg, lineage["data_versions"].get("catalog"))
+    return gate_and_register(cfg, dt, cand, report, lineage, catalog=catalog)
 
 
 def stage_promote(cfg: Config, dt: str, *, is_backfill: bool = False, **_: Any) -> dict[str, Any]:
@@ -263,8 +248,12 @@ _STAGE_FUNCS = {
 }
 
 
-def run_stage(stage: str, dt: str, cfg: Config | None = None, **kwargs: Any) -> dict[str, Any]:
+def run_stage(stage: str, dt: str, cfg: Config | None = None, *, run_tags: dict[str, Any] | None = None,
+              **kwargs: Any) -> dict[str, Any]:
     """Run one stage for day ``dt``; returns (and records) its JSON summary.
+
+    The stage's MLflow run opens before the stage starts and ends FAILED if it raises
+    (``registry.tracking.stage_run``); ``run_tags`` (e.g. the Airflow run id) go on that run.
 
     Raises:
         StageError / ValueError: with a message naming the day, the stage and the fix.
@@ -274,19 +263,30 @@ def run_stage(stage: str, dt: str, cfg: Config | None = None, **kwargs: Any) -> 
     cfg = cfg or load_config()
     t0 = time.time()
     log.info("stage %s dt=%s: start", stage, dt)
-    if stage in SPARK_STAGES:
-        record = _spark_stage(stage, cfg, dt)
-    else:
-        record = _STAGE_FUNCS[stage](cfg, dt, **kwargs)
-    record = dict(record or {})
-    record["seconds"] = round(time.time() - t0, 2)
-    write_record(cfg, dt, stage, record)
-    try:
-        _log_mlflow(cfg, dt, stage, record)
-    except ImportError:  # registry module absent: local record only
-        log.warning("MLflow tracking unavailable; kept the local record only")
+    with _tracked(cfg, dt, stage, run_tags) as run:
+        if stage in SPARK_STAGES:
+            record = _spark_stage(stage, cfg, dt)
+        else:
+            record = _STAGE_FUNCS[stage](cfg, dt, **kwargs)
+        record = dict(record or {})
+        record["seconds"] = round(time.time() - t0, 2)
+        write_record(cfg, dt, stage, record)
+        if run is not None:
+            run.finish(record)
     log.info("stage %s dt=%s: done in %.1fs", stage, dt, record["seconds"])
     return record
+
+
+def _tracked(cfg: Config, dt: str, stage: str, tags: dict[str, Any] | None):
+    """The stage's MLflow run (a context manager), or a null context without MLflow."""
+    import contextlib
+
+    try:
+        from onerec_prod.registry.tracking import stage_run
+    except ImportError:  # registry module absent: local record only
+        log.warning("MLflow tracking unavailable; kept the local record only")
+        return contextlib.nullcontext()
+    return stage_run(cfg, dt, stage, tags, last=(stage == STAGES[-1]))
 
 
 def run_day(cfg: Config, dt: str, *, is_backfill: bool = False, stages: tuple[str, ...] = STAGES) -> dict:

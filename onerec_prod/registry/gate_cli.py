@@ -55,9 +55,13 @@ def _numeric(metrics: dict[str, Any] | None) -> dict[str, float]:
 
 
 def gate_and_register(
-    cfg: Config, dt: str, model_dir: str | Path, report: dict[str, Any], lineage: dict[str, Any]
+    cfg: Config, dt: str, model_dir: str | Path, report: dict[str, Any], lineage: dict[str, Any],
+    *, catalog: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Register the candidate, gate it against the champion, record everything, maybe set challenger.
+
+    ``catalog`` (rows with SIDs): register the candidate as an MLflow pyfunc recommender (see
+    :func:`onerec_prod.registry.registry.register`).
 
     Returns:
         ``{"version", "champion_version", "passed", "passed_effective", "mode",
@@ -74,7 +78,7 @@ def gate_and_register(
         raise registry.RegistryError(
             f"the eval report compared with champion version {evaluated_against}, but the champion is now "
             f"{champ_version}: rerun evaluate so the gate compares with the serving champion")
-    version = registry.register(cfg, model_dir, dt, lineage)
+    version = registry.register(cfg, model_dir, dt, lineage, catalog=catalog)
 
     cand = _numeric(report["metrics"])
     champ_metrics: dict[str, float] | None = None

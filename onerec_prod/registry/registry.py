@@ -30,6 +30,7 @@ import logging
 import os
 import random
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -132,6 +133,124 @@ def _dumps(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# the version's page: a markdown description built from its tags, and its data inputs
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def describe_version(name: str, version: str, tags: dict[str, str]) -> str:
+    """Markdown of a version for the MLflow UI: why it exists, what trained it, what happened to it.
+
+    Built only from the version's tags (one source of truth): verdict and gate table, metrics,
+    parent version, data (Delta table versions), code and config, then the promote/rollback
+    history with actors and reasons.
+    """
+    gate = _loads(tags.get("gate")) or {}
+    metrics = _loads(tags.get("metrics")) or {}
+    data = _loads(tags.get("data_versions")) or {}
+    history = _loads(tags.get("history")) or []
+    state = "**rolled back**" if tags.get("rolled_back") == "true" else (
+        "promoted" if tags.get("promoted_at") else "candidate")
+    lines = [f"## {name} v{version} (dt={tags.get('dt', '?')}): {state}", ""]
+    if tags.get("rolled_back") == "true":
+        lines += [f"> Rolled back at {tags.get('rolled_back_at')} by {tags.get('rolled_back_by')} "
+                  f"(champion back to v{tags.get('rolled_back_to')}). Reason: {tags.get('rollback_reason', '')}", ""]
+    if gate:
+        verdict = "PASSED" if gate.get("passed") else ("FAILED (not blocking)" if gate.get("passed_effective")
+                                                       else "FAILED")
+        lines += [f"### Gate: {verdict} (mode {gate.get('mode')}; compared with champion "
+                  f"v{gate.get('champion_version') or '-'}, {gate.get('champion_metrics_source', '')})", "",
+                  "| metric | check | value | threshold | champion | passed |", "|---|---|---|---|---|---|"]
+        for c in gate.get("checks", []):
+            lines.append(f"| {c['metric']} | {c['kind']} | {_fmt(c.get('value'))} | {_fmt(c.get('threshold'))} "
+                         f"| {_fmt(c.get('champion_value'))} | {'yes' if c.get('passed') else '**no**'} |")
+        lines.append("")
+    else:
+        lines += ["### Gate: not gated yet", ""]
+    if metrics:
+        lines += ["### Metrics (eval snapshot of dt)", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())]
+        lines.append("")
+    parent = tags.get("parent_version") or "none (bootstrap)"
+    lines += ["### Lineage", "", f"- parent version: {parent}", f"- sid_version: {tags.get('sid_version') or '-'}",
+              f"- data snapshot: {tags.get('data_snapshot', '-')}",
+              f"- git commit: `{tags.get('git_sha', '-')}`, config hash `{tags.get('config_hash', '-')}`",
+              f"- weights sha256: `{tags.get('weights_hash', '-')[:16]}`", ""]
+    if data:
+        lines += ["| Delta table | version |", "|---|---|"]
+        lines += [f"| {t} | {v} |" for t, v in sorted(data.items())]
+        lines.append("")
+    if history:
+        lines += ["### History", "", "| at | event | actor | reason |", "|---|---|---|---|"]
+        for h in history:
+            what = h.get("event", "")
+            if h.get("previous") is not None and what == "promoted":
+                what += f" (previous champion v{h['previous']})"
+            if h.get("by_version"):
+                what += f" by v{h['by_version']}"
+            if h.get("rolled_back"):
+                what += f" (v{h['rolled_back']} rolled back)"
+            if h.get("forced"):
+                what += ", forced"
+            lines.append(f"| {h.get('at', '')} | {what} | {h.get('actor', '')} | {h.get('reason', '')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _refresh_description(c: MlflowClient, name: str, version: str) -> None:
+    mv = c.get_model_version(name, version)
+    c.update_model_version(name, version, description=describe_version(name, version, dict(mv.tags)))
+
+
+def _append_history(c: MlflowClient, name: str, version: str, event: dict[str, Any]) -> None:
+    """Append a promote/rollback event to the version's ``history`` tag and rewrite its description."""
+    mv = c.get_model_version(name, version)
+    hist = _loads(mv.tags.get("history")) or []
+    hist.append(event)
+    while len(_dumps(hist)) > tracking.MAX_TAG_LEN and len(hist) > 1:  # keep the newest events
+        hist.pop(0)
+    c.set_model_version_tag(name, version, "history", _dumps(hist))
+    _refresh_description(c, name, version)
+
+
+def _log_data_inputs(cfg: Config, run_id: str, data_versions: dict[str, Any]) -> None:
+    """The Delta tables (at their versions) that made the candidate, as MLflow dataset inputs."""
+    from mlflow.data.delta_dataset_source import DeltaDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    from onerec_prod.lake import table_path
+
+    inputs = []
+    for table, version in sorted(_flat_versions(data_versions).items()):
+        try:
+            path = table_path(cfg, table.split(".")[-1])
+        except Exception:  # noqa: BLE001 (a name that is not a lake table: keep it as a plain name)
+            path = table
+        ds = MetaDataset(DeltaDatasetSource(path=str(path), delta_table_version=int(version)),
+                         name=f"{table}@v{int(version)}")
+        inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")]))
+    if inputs:
+        tracking.client(cfg).log_inputs(run_id, datasets=inputs)
+
+
+def _flat_versions(d: dict[str, Any], prefix: str = "") -> dict[str, int]:
+    out: dict[str, int] = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat_versions(v, f"{prefix}{k}."))
+        elif isinstance(v, int) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------
 # the alias lock
 
 
@@ -180,12 +299,17 @@ def _find_registered(c: MlflowClient, name: str, dt: str, whash: str) -> list[Mo
     ]
 
 
-def register(cfg: Config, model_dir: str | Path, dt: str, lineage: dict[str, Any]) -> str:
+def register(cfg: Config, model_dir: str | Path, dt: str, lineage: dict[str, Any], *,
+             catalog: list[dict[str, Any]] | None = None) -> str:
     """Register ``model_dir`` as a version of ``cfg.registry.model_name``; returns the version.
 
     Args:
         lineage: ``parent_version`` (or ``parent``), ``sid_version``, ``data_versions`` (dict of
             Delta table -> version), ``data_snapshot``; any other keys are kept in tag ``lineage``.
+        catalog: the catalog rows (``item_id, title, categories, sid``) of the model's
+            sid_version. Given: the version is a real MLflow pyfunc model (signature, input
+            example; ``mlflow.pyfunc.load_model("models:/<name>@champion")`` answers histories,
+            see :mod:`onerec_prod.registry.pyfunc`). None: the plain model folder.
 
     Idempotent per ``dt``: the same ``dt`` and the same weights give back the existing version.
     """
@@ -201,10 +325,19 @@ def register(cfg: Config, model_dir: str | Path, dt: str, lineage: dict[str, Any
         return str(found[0].version)
 
     art = f"model-{whash[:12]}"
-    run_id = tracking.log_step(
-        cfg, dt, "register", tags={"weights_hash": whash, "model_dir": str(model_dir)},
-        artifacts={art: model_dir},
-    )
+    with tempfile.TemporaryDirectory(prefix="onerec-register-") as tmp:
+        logged: Path = model_dir
+        if catalog is not None:
+            from onerec_prod.registry.pyfunc import save_pyfunc
+
+            logged = save_pyfunc(cfg, model_dir, catalog, Path(tmp) / art,
+                                 metadata_={"dt": dt, "weights_hash": whash})
+        run_id = tracking.log_step(
+            cfg, dt, "register", tags={"weights_hash": whash, "model_dir": str(model_dir),
+                                       "model_format": "pyfunc" if catalog is not None else "folder"},
+            artifacts={art: logged},
+        )
+    _log_data_inputs(cfg, run_id, lineage.get("data_versions") or {})
     source = tracking.step_artifact_uri(cfg, run_id, art)
     parent = lineage.get("parent_version", lineage.get("parent"))
     tags = {
@@ -224,6 +357,7 @@ def register(cfg: Config, model_dir: str | Path, dt: str, lineage: dict[str, Any
         if found:
             return str(found[0].version)
         mv = c.create_model_version(name, source=source, run_id=run_id, tags=tags, description=f"dt={dt}")
+        _refresh_description(c, name, str(mv.version))
     if tracking.lock_mode(cfg) == "lease":  # a racing registration on a shared server: keep the lowest
         found = _find_registered(c, name, dt, whash)
         if found and str(found[0].version) != str(mv.version):
@@ -245,6 +379,7 @@ def record_gate(cfg: Config, version: str, result: dict[str, Any], metrics: dict
         "gated_at": _now(),
     }.items():
         c.set_model_version_tag(name, str(version), key, value)
+    _refresh_description(c, name, str(version))
 
 
 def set_challenger(cfg: Config, version: str) -> None:
@@ -343,6 +478,10 @@ def promote(
             c.set_model_version_tag(name, target, k, v)
         if mv.tags.get("rolled_back") == "true":
             c.set_model_version_tag(name, target, "rolled_back", "false")
+        _append_history(c, name, target, {"event": "promoted", **event})
+        if old is not None:
+            _append_history(c, name, old, {"event": "replaced", "at": event["at"], "by_version": target,
+                                           "actor": actor, "reason": reason or ""})
     log.warning("promoted %s version %s to champion (previous=%s, forced=%s, by %s%s)",
                 name, target, old, force, actor, f": {reason}" if reason else "")
     _log_event(cfg, mv.tags.get("dt"), "promote", event)
@@ -373,8 +512,11 @@ def rollback(cfg: Config, *, actor: str | None = None, reason: str | None = None
         # promote picks it again) and still champion; rerunning the rollback finishes the job
         if cur is not None:
             for k, v in {"rolled_back": "true", "rolled_back_at": event["at"], "rolled_back_by": actor,
-                         "rolled_back_to": prev}.items():
+                         "rolled_back_to": prev, "rollback_reason": reason or "(no reason given)"}.items():
                 c.set_model_version_tag(name, cur, k, v)
+            _append_history(c, name, cur, {"event": "rolled_back", **event})
+        _append_history(c, name, prev, {"event": "restored", "at": event["at"], "actor": actor,
+                                        "reason": reason or "", "rolled_back": cur})
         c.set_registered_model_alias(name, CHAMPION, prev)
         c.delete_registered_model_alias(name, PREVIOUS)
     log.warning("rolled back %s: champion %s -> %s (by %s)", name, cur, prev, actor)
@@ -420,6 +562,9 @@ def version_dir(cfg: Config, version: str | int, name: str | None = None) -> Pat
     tmp.mkdir(parents=True)
     try:
         got = Path(download_artifacts(artifact_uri=mv.source, dst_path=str(tmp), tracking_uri=cfg.mlflow_uri))
+        from onerec_prod.registry.pyfunc import weights_dir
+
+        got = weights_dir(got)  # a pyfunc model keeps the project's model dir as its artifact
         if weights_hash(got) != expected:
             raise RegistryError(f"{name} version {version}: downloaded weights do not match weights_hash {expected[:12]}")
         try:

@@ -259,6 +259,8 @@ def _refresh_day_status(c: MlflowClient, day: DayRun) -> None:
         max_results=1000,
     )
     failed = any(r.info.status == "FAILED" for r in children)
+    if not failed and _latest_stage_runs(c, day):
+        return  # the pipeline's stage runs own the day's status (see _settle_day)
     c.set_terminated(day.run_id, "FAILED" if failed else "FINISHED")
 
 
@@ -378,3 +380,265 @@ def log_step(
 def step_artifact_uri(cfg: Config, run_id: str, path: str) -> str:
     """Full artefact URI of ``path`` inside run ``run_id``."""
     return client(cfg).get_run(run_id).info.artifact_uri.rstrip("/") + "/" + path.strip("/")
+
+
+# --------------------------------------------------------------------------------------
+# stage runs: one MLflow run per attempt of a pipeline stage, opened when the stage starts
+
+RUN_ID_ENV = "ONEREC_MLFLOW_RUN_ID"  # the open stage run, for child processes (training curves)
+TRACKING_URI_ENV = "ONEREC_MLFLOW_TRACKING_URI"
+_CURVE_KEYS = ("step",)
+# record subtrees that are settings or identities, not measurements: logged as params, never metrics
+_PARAM_SUBTREES = ("config", "meta", "written_versions", "data_versions", "read_versions", "lineage", "gate")
+
+
+def run_url(cfg: Config, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: ``registry.ui_url`` (or an http(s) tracking URI) + the
+    run's fragment; for a local store, the ``mlflow ui`` command that serves it, then the path."""
+    base = cfg.registry.ui_url or (cfg.mlflow_uri if cfg.mlflow_uri.startswith(("http://", "https://")) else None)
+    frag = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if base:
+        return base.rstrip("/") + "/" + frag
+    return f"(mlflow ui --backend-store-uri {cfg.mlflow_uri}) http://127.0.0.1:5000/{frag}"
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and scalars are leaves)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def split_record(record: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, str], dict[str, list]]:
+    """A stage record as ``(metrics, params, curves)``.
+
+    Measurements become metrics; versions, lineage and settings (``*version*`` keys and the
+    subtrees in ``_PARAM_SUBTREES``) become params (``record.<key>``), so a Delta version or an
+    eval setting is no longer plotted as if it were a score; a list of dicts that carry a numeric
+    ``step`` (``reward_curve``) is a curve, logged per step.
+    """
+    metrics: dict[str, float] = {}
+    params: dict[str, str] = {}
+    curves: dict[str, list] = {}
+    for key, value in flatten(record).items():
+        head = key.split(".", 1)[0]
+        if isinstance(value, list) and value and all(isinstance(x, Mapping) and "step" in x for x in value):
+            curves[key] = list(value)
+        elif head in _PARAM_SUBTREES or "version" in key.rsplit(".", 1)[-1]:
+            if value is not None:
+                params[f"record.{key}"] = _as_str(value, MAX_PARAM_LEN)
+        elif isinstance(value, bool | int | float) and not (isinstance(value, float) and math.isnan(value)):
+            metrics[key] = float(value)
+    return metrics, params, curves
+
+
+def _metric_rows(metrics: Mapping[str, Any], step: int, now: int):
+    from mlflow.entities import Metric
+
+    rows = []
+    for key, value in metrics.items():
+        if isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, int | float) or (isinstance(value, float) and math.isnan(value)):
+            continue
+        fval = float(value)
+        if math.isinf(fval):
+            fval = math.copysign(1.7976931348623157e308, fval)
+        rows.append(Metric(sanitize_key(key), fval, now, int(step)))
+    return rows
+
+
+def _log_batched(c: MlflowClient, run_id: str, *, metrics=(), params=(), tags=()) -> None:
+    """``log_batch`` within MLflow's per-request limits (1000 metrics, 100 params, 100 tags)."""
+    metrics, params, tags = list(metrics), list(params), list(tags)
+    while metrics or params or tags:
+        c.log_batch(run_id, metrics=metrics[:1000], params=params[:100], tags=tags[:100])
+        metrics, params, tags = metrics[1000:], params[100:], tags[100:]
+
+
+def log_curve(cfg: Config, run_id: str, curve: list[Mapping[str, Any]], prefix: str = "") -> int:
+    """Log a per-step curve (``[{"step": 1, "loss": ...}, ...]``) with ``step=`` each entry's step.
+
+    Returns the number of points logged. The MLflow UI then plots loss/reward against the
+    optimizer step, not against reruns.
+    """
+    c, rows, now = client(cfg), [], int(time.time() * 1000)
+    for point in curve:
+        step = int(point["step"])
+        vals = {f"{prefix}{k}": v for k, v in point.items() if k not in _CURVE_KEYS}
+        rows.extend(_metric_rows(vals, step, now))
+    _log_batched(c, run_id, metrics=rows)
+    return len(curve)
+
+
+def log_training_step(metrics: Mapping[str, float], step: int, *, prefix: str = "train/") -> bool:
+    """Hook for training code: log one optimizer step's metrics to the open stage run.
+
+    Reads the run from ``$ONEREC_MLFLOW_RUN_ID`` / ``$ONEREC_MLFLOW_TRACKING_URI`` (set by
+    :func:`stage_run` and inherited by torchrun workers); a no-op returning False outside a stage
+    run (a bare CLI call, a test). Call it from rank 0 only, e.g. from an HF ``TrainerCallback``'s
+    ``on_log`` with ``state.global_step``; it never raises (a tracking hiccup must not kill training).
+    """
+    run_id, uri = os.environ.get(RUN_ID_ENV), os.environ.get(TRACKING_URI_ENV)
+    if not run_id or not uri:
+        return False
+    try:
+        from mlflow import MlflowClient
+
+        c = MlflowClient(tracking_uri=uri)
+        rows = _metric_rows({f"{prefix}{k}": v for k, v in metrics.items()}, step, int(time.time() * 1000))
+        if rows:
+            c.log_batch(run_id, metrics=rows)
+        return True
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not log training step %d to MLflow run %s: %s", step, run_id, e)
+        return False
+
+
+def mlflow_trainer_callback(prefix: str = "train/"):
+    """An HF ``TrainerCallback`` that sends every ``on_log`` (loss, learning_rate, grad_norm, ...)
+    of the main process to the open stage run at ``step=state.global_step``.
+
+    For ``onerec_prod.train.sft``: ``Trainer(..., callbacks=[..., mlflow_trainer_callback()])``. It
+    needs no MLflow set-up in the worker (see :func:`log_training_step`) and is a no-op outside a
+    stage run.
+    """
+    from transformers import TrainerCallback
+
+    class StageRunCurves(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs:
+                nums = {k: v for k, v in logs.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+                log_training_step(nums, int(state.global_step), prefix=prefix)
+
+    return StageRunCurves()
+
+
+def config_params(cfg: Config) -> dict[str, str]:
+    """The resolved config as flat params (``train.lr`` -> ``0.001``)."""
+    return {k: _as_str(v, MAX_PARAM_LEN) for k, v in flatten(cfg.model_dump(mode="json")).items()}
+
+
+@dataclass
+class StageRun:
+    """An open stage attempt: ``finish(record)`` logs the stage's record into it."""
+
+    cfg: Config
+    dt: str
+    stage: str
+    run_id: str
+    experiment_id: str
+    url: str
+
+    def finish(self, record: Mapping[str, Any]) -> None:
+        """Log the record: measurements as metrics, versions/settings as params, curves per step,
+        the whole record as ``<stage>.json``."""
+        from mlflow.entities import Param
+
+        c = client(self.cfg)
+        metrics, params, curves = split_record(record)
+        now = int(time.time() * 1000)
+        _log_batched(c, self.run_id, metrics=_metric_rows(metrics, 0, now),
+                     params=[Param(sanitize_key(k), v) for k, v in params.items()])
+        for name, curve in curves.items():
+            log_curve(self.cfg, self.run_id, curve, prefix=f"{name}/")
+        _stage_artifacts(self.run_id, c, {f"{self.stage}.json": dict(record)})
+
+
+def _latest_stage_runs(c: MlflowClient, day: DayRun) -> dict[str, Any]:
+    runs = c.search_runs([day.experiment_id], filter_string=f"tags.run_kind = 'stage' and tags.dt = '{day.dt}'",
+                         max_results=5000)
+    latest: dict[str, Any] = {}
+    for r in sorted(runs, key=lambda r: (int(r.data.tags.get("attempt", "0")), r.info.start_time or 0)):
+        latest[r.data.tags.get("step", "")] = r
+    return latest
+
+
+def _settle_day(c: MlflowClient, day: DayRun, last_stage_done: bool) -> str:
+    """Day status from each stage's latest attempt: FAILED if one failed, FINISHED once the
+    last stage finished, else RUNNING (the day is under way, not done)."""
+    latest = _latest_stage_runs(c, day)
+    states = {s: r.info.status for s, r in latest.items()}
+    if any(v == "FAILED" for v in states.values()):
+        status = "FAILED"
+    elif last_stage_done and not any(v == "RUNNING" for v in states.values()):
+        status = "FINISHED"
+    else:
+        status = "RUNNING"
+    if status == "RUNNING":
+        c.update_run(day.run_id, status="RUNNING")
+    else:
+        c.set_terminated(day.run_id, status)
+    return status
+
+
+def stage_attempts(cfg: Config, dt: str, stage: str) -> list[Any]:
+    """Every attempt run of ``stage`` on day ``dt``, oldest first (status, times, tags, data)."""
+    c = client(cfg)
+    exp_id = ensure_experiment(cfg, c)
+    runs = c.search_runs([exp_id], filter_string=f"tags.run_kind = 'stage' and tags.dt = '{dt}' "
+                         f"and tags.step = '{stage}'", max_results=1000)
+    return sorted(runs, key=lambda r: (int(r.data.tags.get("attempt", "0")), r.info.start_time or 0))
+
+
+@contextlib.contextmanager
+def stage_run(cfg: Config, dt: str, stage: str, tags: Mapping[str, Any] | None = None, *,
+              last: bool = False) -> Iterator[StageRun]:
+    """Open a new MLflow run for this attempt of ``stage`` on day ``dt``, as a child of the day run.
+
+    The run is RUNNING while the block runs (so a hung stage shows as a RUNNING run with its start
+    time) and ends FAILED with the error as tags if the block raises, FINISHED otherwise. Each
+    attempt is its own run (tag ``attempt``), so a failure stays visible after a successful
+    retry. On opening it logs the resolved config (params and ``config.yaml``), system tags
+    (``mlflow.source.git.commit``, the caller's ``tags``, e.g. the Airflow run id), prints the
+    run's URL, and exports ``$ONEREC_MLFLOW_RUN_ID`` for child processes (training curves, see
+    :func:`log_training_step`). ``last``: this is the day's final stage (the day run may finish).
+    """
+    from mlflow.entities import Param, RunTag
+
+    from onerec_prod.config import dump_config
+
+    if not _STEP_RE.match(stage):
+        raise ValueError(f"stage must match {_STEP_RE.pattern}, got {stage!r}")
+    day = day_run_id(cfg, dt)
+    c = client(cfg)
+    sys_tags = {
+        "run_kind": "stage", "dt": dt, "ds": dt, "step": stage, "mlflow.parentRunId": day.run_id,
+        "mlflow.source.git.commit": git_sha(), "mlflow.source.type": "JOB", "git_sha": git_sha(),
+        "config_hash": cfg.digest(), "mlflow.user": os.environ.get("USER", "onerec"),
+    }
+    with _create_lock(cfg):
+        attempt = len(stage_attempts(cfg, dt, stage)) + 1
+        run = c.create_run(day.experiment_id, run_name=f"{stage} #{attempt}",
+                           tags={**sys_tags, "attempt": str(attempt)})
+    rid = run.info.run_id
+    extra = [RunTag(str(k), _as_str(v, MAX_TAG_LEN)) for k, v in (tags or {}).items()]
+    _log_batched(c, rid, params=[Param(sanitize_key(k), v) for k, v in config_params(cfg).items()], tags=extra)
+    _stage_artifacts(rid, c, {"config.yaml": dump_config(cfg)})
+    c.update_run(day.run_id, status="RUNNING")
+    sr = StageRun(cfg, dt, stage, rid, day.experiment_id, run_url(cfg, day.experiment_id, rid))
+    log.info("MLflow run of %s dt=%s (attempt %d): %s", stage, dt, attempt, sr.url)
+    saved = {k: os.environ.get(k) for k in (RUN_ID_ENV, TRACKING_URI_ENV)}
+    os.environ[RUN_ID_ENV], os.environ[TRACKING_URI_ENV] = rid, cfg.mlflow_uri
+    try:
+        yield sr
+    except BaseException as e:
+        c.log_batch(rid, tags=[RunTag("error_type", type(e).__name__),
+                               RunTag("error", _as_str(str(e) or type(e).__name__, MAX_TAG_LEN))])
+        c.set_terminated(rid, "FAILED")
+        _settle_day(c, day, last)
+        log.error("stage %s dt=%s failed; MLflow run %s marked FAILED", stage, dt, rid)
+        raise
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    c.set_terminated(rid, "FINISHED")
+    _settle_day(c, day, last)
