@@ -356,6 +356,7 @@ class SftRun:
         from transformers.utils import logging as hf_logging
 
         from onerec_prod.model.dropout import DropoutRates, apply_dropout
+        from onerec_prod.registry.tracking import mlflow_trainer_callback
         from onerec_prod.model.freeze import freeze_except_rows, no_decay_names
         from onerec_prod.model.io import load_model, load_tokenizer, weights_hash
         from onerec_prod.model.vocab import sid_token_ids
@@ -439,7 +440,7 @@ class SftRun:
         self.progress = _Progress.make(self.collator, self.world, self.is_main)
         self.trainer = cls(
             model=model, args=self.args, train_dataset=self.dataset, data_collator=self.collator,
-            callbacks=[self.progress],
+            callbacks=[self.progress, mlflow_trainer_callback()],  # loss/lr curves on the stage's MLflow run
         )
         self.trainer.remove_callback(PrinterCallback)  # our callback logs one line per step
         fault = self.spec.get("fault") or {}
