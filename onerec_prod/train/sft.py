@@ -356,10 +356,10 @@ class SftRun:
         from transformers.utils import logging as hf_logging
 
         from onerec_prod.model.dropout import DropoutRates, apply_dropout
-        from onerec_prod.registry.tracking import mlflow_trainer_callback
         from onerec_prod.model.freeze import freeze_except_rows, no_decay_names
         from onerec_prod.model.io import load_model, load_tokenizer, weights_hash
         from onerec_prod.model.vocab import sid_token_ids
+        from onerec_prod.registry.tracking import mlflow_trainer_callback
         from onerec_prod.sid.tokens import level_sizes
         from onerec_prod.train.data import PadCollator, SftDataset, read_jsonl
 
