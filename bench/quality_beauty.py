@@ -1,4 +1,8 @@
-"""The paper's protocol on full Beauty: our model from scratch vs MostPop and SASRec vs the paper.
+"""LEGACY chat-row quality bench (superseded by bench/quality.py, the dense SID stream).
+
+Kept only because bench/rl_beauty.py still imports its helpers; its direct-mode eval now decodes the
+SID stream (eval.beam.recommend), which chat-trained models were never trained on, so its figures
+are not comparable with docs/RESULTS.md. Original purpose: the paper's protocol on full Beauty.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/quality_beauty.py --config configs/bench/quality_cpu.yaml \
         [--sids service|letter] [--work var/bench/quality_cpu] [--max-users N] [--train-steps N] \

@@ -357,7 +357,8 @@ def _days(a: str, b: str) -> list[str]:
 
 def failed_task_logs(cfg: Config, max_chars: int = 4000) -> str:
     """Tail of the newest task log that mentions an error (for a clear failure message)."""
-    logs = sorted((airflow_home(cfg) / "logs").rglob("*.log"), key=lambda p: p.stat().st_mtime)
+    logs = sorted((p for p in (airflow_home(cfg) / "logs").rglob("*.log") if "task_id=" in str(p)),
+                  key=lambda p: p.stat().st_mtime)
     for p in reversed(logs):
         txt = p.read_text(errors="replace")
         if "Traceback" in txt or '"level":"error"' in txt or "ERROR" in txt:
