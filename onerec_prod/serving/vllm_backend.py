@@ -206,12 +206,14 @@ class VLLMServer:
         self.host = host
         self.port = port or _free_port(host)
         self.url = f"http://{host}:{self.port}"
+        self._temp_log = log_path is None  # removed after a clean stop; kept when the start fails
         if log_path is None:
             fd, name = tempfile.mkstemp(prefix="onerec-vllm-", suffix=".log")
             os.close(fd)
             log_path = name
         self.log_path = Path(log_path)
         self.proc: subprocess.Popen | None = None
+        self._healthy_once = False
 
     def command(self) -> list[str]:
         v = self.vcfg
@@ -256,6 +258,7 @@ class VLLMServer:
                 raise TimeoutError(f"vLLM engine server not healthy after {self.vcfg.startup_timeout_s:.0f}s; "
                                    f"log {self.log_path}:\n{self.log_tail()}")
             time.sleep(0.5)
+        self._healthy_once = True
         log.info("vLLM engine server ready in %.1fs (%s)", time.monotonic() - t0, self.url)
         return self
 
@@ -275,6 +278,8 @@ class VLLMServer:
             return
         _stop_group(p, grace_s)
         log.info("vLLM engine server pid %d stopped (rc %s)", p.pid, p.returncode)
+        if self._temp_log and self._healthy_once:
+            self.log_path.unlink(missing_ok=True)
 
 
 def _stop_group(p: subprocess.Popen, grace_s: float = 20.0) -> None:
