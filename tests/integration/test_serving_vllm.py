@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -179,22 +180,43 @@ def test_precompute_on_vllm_matches_hf(engine_a, models, catalog, histories, tmp
     assert engine_a.server.alive()  # a passed backend is left running
 
 
-def test_service_on_vllm_follows_champion(models, setup, catalog, histories, tmp_path, engine_a):
-    """Real registry + the service on vLLM: champion A -> B while requests run; B's answers differ."""
+def write_lake(spark, cfg, catalog, histories) -> None:
+    """Delta ``catalog`` and ``user_history`` holding the module's catalog and histories."""
+    from onerec_prod.lake import conform, table_path
+
+    cat = [(it["item_id"], it["title"], it["categories"], None, list(it["sid"]), SID_VERSION, "2014-01-01",
+            "2014-01-01") for it in catalog]
+    cat_df = spark.createDataFrame(cat, "item_id string, title string, categories string, description string, "
+                                        "sid array<int>, sid_version string, first_seen_dt string, updated_dt string")
+    noon = int(datetime.fromisoformat(f"{DT}T12:00:00+00:00").timestamp())  # every user active on DT
+    hist = [(u, h, noon, DT) for u, h in sorted(histories.items())]
+    hist_df = spark.createDataFrame(hist, "user_id string, items array<string>, last_ts bigint, updated_dt string")
+    for df, name in ((cat_df, "catalog"), (hist_df, "user_history")):
+        conform(df, name).write.format("delta").mode("overwrite").save(table_path(cfg, name))
+
+
+@pytest.mark.spark
+def test_pipeline_precompute_then_service_follows_champion_on_vllm(spark, models, setup, catalog, histories,
+                                                                    tmp_path):
+    """The day's precompute stage (run-day) on vLLM, the service answering from it on vLLM; then
+    champion A -> B while requests run: no failed request, B's answers differ from A's."""
     import httpx
 
+    from onerec_prod.pipeline import read_record, run_day
     from onerec_prod.registry import registry
     from onerec_prod.serving.backends import HFBackend
-    from onerec_prod.serving.precompute import precompute
     from onerec_prod.serving.service import create_app
 
     trie, vocab, _, _ = setup
     cfg = load_cfg(tmp_path, "serving.reload_interval_s=0.2", *ENGINE)
+    write_lake(spark, cfg, catalog, histories)
     v1 = registry.register(cfg, models["a"], "2014-01-04", {"sid_version": SID_VERSION})
     v2 = registry.register(cfg, models["b"], DT, {"sid_version": SID_VERSION})
     registry.promote(cfg, v1, force=True, reason="test")
-    ver, d1 = registry.champion(cfg)
-    precompute(cfg, DT, d1, ver, histories=histories, catalog=catalog, write_table=False, backend=engine_a)
+    # onerec-prod run-day --date DT --stage precompute --set serving.backend=vllm
+    run_day(cfg, DT, stages=("precompute",))
+    rec = read_record(cfg, DT, "precompute")
+    assert (rec["users"], rec["items"]) == (len(histories), len(catalog)) and rec["table_version"] is not None
     user = sorted(histories)[3]
 
     app = create_app(cfg)
@@ -222,7 +244,9 @@ def test_service_on_vllm_follows_champion(models, setup, catalog, histories, tmp
                 time.sleep(0.5)
                 registry.promote(cfg, v2, force=True, reason="test")
                 wait_for(c, lambda h: h["model_version"] == v2, timeout=900)
-                time.sleep(0.5)
+                deadline = time.monotonic() + 120  # requests started before the swap end on v1
+                while (not seen or seen[-1] != v2) and not errors and time.monotonic() < deadline:
+                    time.sleep(0.1)
             finally:
                 stop.set()
                 th.join(120)
