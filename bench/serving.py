@@ -21,11 +21,18 @@ stop. Prints a table and one JSON line with the ratios (full / prefix latency, p
 throughput). The service's fallback writes no rationale; ``--think-tokens N`` also times, in process,
 what an online reasoning model would pay per request (rationale of N tokens, then the SID beam),
 which is the cost Think-Ahead moves offline.
+
+``--backends hf,vllm`` compares the generation backends instead, same model, same users: for each
+backend (``serving.backend``; ``vllm`` starts an engine server from ``.venv-vllm``), the real
+precompute (users/s, engine start-up excluded for vLLM: it is timed apart), then one service per
+backend on the Think-Ahead (prefix) path, requests interleaved between the two; prints p50/p99
+over HTTP, req/s, and the vllm / hf ratios in one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import random
@@ -181,6 +188,86 @@ def wait_ready(url: str, version: str, timeout: float = 300) -> None:
     raise RuntimeError(f"{url} never became ready with version {version}")
 
 
+def compare_backends(args, work: Path, backends: list[str]) -> int:
+    """Precompute users/s and Think-Ahead latency over HTTP per backend; ratios against the first."""
+    from onerec_prod.config import load_config
+    from onerec_prod.model.io import load_tokenizer
+    from onerec_prod.serving.backends import build_backend
+    from onerec_prod.serving.precompute import precompute, select_catalog
+    from onerec_prod.serving.service import background_server, create_app
+    from onerec_prod.sid.tokens import SidVocab, level_sizes
+    from onerec_prod.sid.trie import SidTrie
+
+    base_cfg, model_dir, items, histories = build_setup(args, work / "setup")
+    users = sorted(histories)
+    cfgs, pre, startup = {}, {}, {}
+    for b in backends:
+        cfg = load_config(args.config, [f"paths.var_root={work / b}", "serving.reload_interval_s=3600", *args.set,
+                                        f"serving.backend={b}"], environ={})
+        sel, _ = select_catalog(items, "bench-sids")
+        sizes = level_sizes(cfg.sid)
+        trie = SidTrie.from_sids([it["sid"] for it in sel], sizes)
+        vocab = SidVocab.from_tokenizer(load_tokenizer(model_dir), sizes)
+        t = time.perf_counter()
+        backend = build_backend(b, model_dir, trie, vocab, device=cfg.serving.device, vllm=cfg.serving.vllm,
+                                label="bench", batch_size=cfg.serving.batch_size)
+        startup[b] = time.perf_counter() - t
+        try:
+            precompute(cfg, "2014-01-01", model_dir, "bench", histories=histories, catalog=items, write_table=False,
+                       backend=backend)  # warm (vLLM's first batches compile/allocate)
+            t = time.perf_counter()
+            res = precompute(cfg, "2014-01-01", model_dir, "bench", histories=histories, catalog=items,
+                             write_table=False, backend=backend)
+            pre[b] = res["users"] / (time.perf_counter() - t)
+        finally:
+            backend.close()
+        cfgs[b] = cfg
+    apps = {b: create_app(cfgs[b], champion_resolver=lambda: ("bench", model_dir)) for b in backends}
+    try:
+        with contextlib.ExitStack() as stack:
+            urls = {b: stack.enter_context(background_server(apps[b])) for b in backends}
+            for b, url in urls.items():
+                wait_ready(url, "bench", timeout=cfgs[b].serving.vllm.startup_timeout_s)
+            run_sequential(urls, users, args.warmup)
+            seq = run_sequential(urls, users, args.requests)
+            rounds, per_round = 4, max(1, args.requests // 4)
+            wall = {b: 0.0 for b in urls}
+            for _ in range(rounds):
+                for b, url in urls.items():
+                    wall[b] += per_round / run_throughput(url, users, per_round, args.concurrency)
+            rps = {b: rounds * per_round / wall[b] for b in urls}
+    finally:
+        for app in apps.values():
+            if app.state.watcher.state is not None:
+                app.state.watcher.state.backend.close()
+    for b in backends:
+        if seq[b]["paths_seen"] != ["prefix"]:
+            raise RuntimeError(f"{b}: unexpected paths {seq[b]['paths_seen']}")
+    ref = backends[0]
+    s = base_cfg.serving
+    summary = {
+        "bench": "serving-backends", "device": "cpu", "backends": backends,
+        "model": str(args.model or f"embedded {base_cfg.model.num_layers}x{base_cfg.model.hidden_size}"),
+        "prefix_levels": s.prefix_levels, "prefix_beam": s.prefix_beam, "top_n": s.top_n, "items": len(items),
+        "users": len(users), "requests": args.requests, "concurrency": args.concurrency,
+        **{b: {"startup_s": round(startup[b], 2), "precompute_users_per_s": round(pre[b], 2),
+               **{k: round(v, 2) for k, v in seq[b].items() if k != "paths_seen"}, "rps": round(rps[b], 2)}
+           for b in backends},
+    }
+    for b in backends[1:]:
+        summary[f"ratio_{b}_over_{ref}"] = {
+            "precompute_users_per_s": round(pre[b] / pre[ref], 2),
+            "p50": round(seq[b]["p50_ms"] / seq[ref]["p50_ms"], 2),
+            "p99": round(seq[b]["p99_ms"] / seq[ref]["p99_ms"], 2), "rps": round(rps[b] / rps[ref], 2)}
+    print(f"{'backend':8s} {'start s':>8s} {'pre u/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>8s}")
+    for b in backends:
+        r = summary[b]
+        print(f"{b:8s} {r['startup_s']:8.2f} {r['precompute_users_per_s']:8.2f} {r['p50_ms']:8.2f} "
+              f"{r['p99_ms']:8.2f} {r['rps']:8.2f}")
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "configs" / "local.yaml"))
@@ -195,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--think-tokens", type=int, default=32,
                    help="Also time full generation with an online rationale of N tokens, in process (0 = skip).")
     p.add_argument("--work", default=None, help="Work dir (default: a temp dir, removed at the end).")
+    p.add_argument("--backends", default=None,
+                   help="Compare generation backends instead, e.g. hf,vllm (ratios against the first).")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "onerec_prod.eval.beam"):
@@ -204,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from onerec_prod.serving.precompute import precompute
     from onerec_prod.serving.service import background_server, create_app
+
+    if args.backends:
+        with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+            return compare_backends(args, Path(args.work or tmp), [b.strip() for b in args.backends.split(",")])
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         work = Path(args.work or tmp)

@@ -337,13 +337,34 @@ class RegistryCfg(_Group):
         return self.artifact_location.replace("{var}", str(var_root))
 
 
+class VllmCfg(_Group):
+    """The vLLM engine server of ``serving.backend: vllm`` (its own process and environment).
+
+    The engine runs ``onerec_prod/serving/vllm_server.py`` under ``python`` (the ``.venv-vllm``
+    environment that ``make vllm-env`` builds from ``requirements/vllm.txt``), on 127.0.0.1.
+    """
+
+    python: str = Field(
+        ".venv-vllm/bin/python", description="Python of the vLLM environment (relative: to the repo root)."
+    )
+    dtype: str = Field("auto", description="Engine dtype (auto, bfloat16, float32).")
+    memory_fraction: float = Field(
+        0.05, gt=0, le=1, description="vLLM gpu_memory_utilization (on CPU: share of host memory for the KV cache)."
+    )
+    max_model_len: int = Field(0, ge=0, description="Engine context length (0 = the model's).")
+    enforce_eager: bool = Field(True, description="No CUDA graphs / torch.compile (CPU: required; GPU: faster start).")
+    startup_timeout_s: float = Field(900.0, gt=0, description="Longest wait for an engine to answer /health.")
+
+
 class ServingCfg(_Group):
     """Think-Ahead precompute and the online service."""
 
     prefix_levels: int = Field(2, ge=1, description="SID levels precomputed offline (k).")
     prefix_beam: int = Field(10, ge=1, description="Prefixes kept per user (B).")
     top_n: int = Field(10, ge=1, description="Items returned per request.")
-    backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend.")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="Generation backend of precompute and service: hf (in-process) or vllm (engine server)."
+    )
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8765, ge=1, le=65535, description="Bind port.")
     max_body_bytes: int = Field(65_536, ge=256, description="Largest accepted request body.")
@@ -372,6 +393,8 @@ class ServingCfg(_Group):
         10.0, gt=0, description="Per-request deadline: past it /recommend answers 504 and queued work is dropped."
     )
     openapi: bool = Field(False, description="Serve /openapi.json and /docs (off: they describe the API to anyone).")
+    vllm: VllmCfg = Field(default_factory=VllmCfg)
+
 
 
 # The task ids of dags/onerec_daily.py (the DAG test checks they match), for typed per-task settings.

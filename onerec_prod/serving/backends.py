@@ -7,14 +7,20 @@ A backend owns one model and the trie of the catalog it serves; prompts come fro
   precomputed ``(first k codes, log-prob)`` pairs of prompt ``i``; the remaining levels are filled
   under each prefix and scores add up, so results rank like a full search would.
 * ``full(prompts, beam_size=n)``: full trie-constrained generation (the fallback).
+* ``prefixes(prompts, levels=k, beam_size=n)``: the best prefixes of ``k`` levels (precompute).
+
+All return, per prompt, up to ``n`` distinct SIDs (or prefixes) with summed full-vocabulary
+log-probabilities, best first. ``serving.backend`` picks the engine:
+
+* ``hf`` (:class:`HFBackend`, the CPU default): the model in this process, under
+  :func:`onerec_prod.eval.beam.beam_search_sids` (the eval decoder);
+* ``vllm`` (:class:`onerec_prod.serving.vllm_backend.VLLMBackend`): a vLLM engine server in its own
+  process and environment (``.venv-vllm``), started by :func:`build_backend` for the model and
+  stopped with the backend (``close()``); same scores, same results up to float noise.
 
 Both take an optional ``deadline`` (``time.monotonic()`` value): it is checked once the call
 holds the model, so a request that waited in the queue past its deadline is dropped
 (:class:`DeadlineExceeded`) instead of computed for nobody.
-
-Both return, per prompt, up to ``n`` distinct full SIDs with summed log-probabilities, best first.
-:class:`HFBackend` (CPU default) wraps :func:`onerec_prod.eval.beam.beam_search_sids`;
-:class:`onerec_prod.serving.vllm_backend.VLLMBackend` does the same on vLLM (GPU).
 """
 
 from __future__ import annotations
@@ -65,6 +71,14 @@ class Backend(Protocol):
         """Full constrained generation; best ``beam_size`` catalog SIDs per prompt."""
         ...
 
+    def prefixes(self, prompts: Sequence[Sequence[int]], *, levels: int, beam_size: int) -> list[Ranked]:
+        """Best ``beam_size`` prefixes of ``levels`` SID levels per prompt."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine (a no-op for in-process models)."""
+        ...
+
 
 class HFBackend:
     """Hugging Face model on CPU (or one GPU); calls are serialised by a lock (one model, one stream)."""
@@ -108,13 +122,28 @@ class HFBackend:
             return beam_search_sids(self.model, [list(p) for p in prompts], self.trie, self.vocab, beam_size,
                                     batch_size=self.batch_size)
 
+    def prefixes(self, prompts: Sequence[Sequence[int]], *, levels: int, beam_size: int) -> list[Ranked]:
+        from onerec_prod.eval.beam import beam_search_sids
 
-def build_backend(kind: str, model_dir: str | Path, trie, vocab, *, device: str = "cpu") -> Backend:
-    """The backend named by ``serving.backend`` (``hf`` or ``vllm``) for ``model_dir``."""
+        with self._lock:
+            return beam_search_sids(self.model, [list(p) for p in prompts], self.trie, self.vocab, beam_size,
+                                    levels=levels, batch_size=self.batch_size)
+
+    def close(self) -> None:
+        pass
+
+
+def build_backend(kind: str, model_dir: str | Path, trie, vocab, *, device: str = "cpu", vllm=None,
+                  label: str = "", batch_size: int = 16) -> Backend:
+    """The backend named by ``serving.backend`` (``hf`` or ``vllm``) for ``model_dir``.
+
+    ``vllm`` is the ``serving.vllm`` config group (engine server settings; default: its defaults).
+    """
     if kind == "hf":
-        return HFBackend.from_dir(model_dir, trie, vocab, device=device)
+        return HFBackend.from_dir(model_dir, trie, vocab, device=device, batch_size=batch_size)
     if kind == "vllm":
+        from onerec_prod.config import VllmCfg
         from onerec_prod.serving.vllm_backend import VLLMBackend
 
-        return VLLMBackend(model_dir, trie, vocab)
+        return VLLMBackend.start(model_dir, trie, vocab, vllm or VllmCfg(), label=label)
     raise ValueError(f"serving.backend={kind!r}: valid backends are 'hf', 'vllm'")

@@ -187,12 +187,19 @@ def compute_prefixes(
     max_think_tokens: int = 32,
     batch_size: int = 16,
     seed: int = 0,
+    backend=None,
 ) -> tuple[list[UserPrefixes], int]:
     """Top-``beam`` prefixes of ``levels`` levels per user (sorted by user id).
 
+    The SID search (and, in think mode, the greedy rationale) runs on ``backend``
+    (:mod:`onerec_prod.serving.backends`; default: an :class:`HFBackend` on ``model``).
     Returns the rows and the number of users skipped (no history item with a SID).
     """
-    from onerec_prod.eval.beam import beam_search_sids, generate_rationales
+    from onerec_prod.eval.beam import generate_rationales
+    from onerec_prod.serving.backends import HFBackend
+
+    if backend is None:
+        backend = HFBackend(model, trie, vocab, batch_size=batch_size)
 
     users, hists = [], []
     for uid in sorted(histories):
@@ -211,16 +218,33 @@ def compute_prefixes(
 
             open_ids = [inference_prompt_ids(tokenizer, rec_messages(h, think=True, max_items=max_items), think=True)
                         for h in hs]
-            rationales = list(generate_rationales(model, tokenizer, open_ids, max_think_tokens,
-                                                  do_sample=False, seed=seed, batch_size=batch_size))
+            if backend.name == "hf":
+                rationales = list(generate_rationales(backend.model, tokenizer, open_ids, max_think_tokens,
+                                                      do_sample=False, seed=seed, batch_size=batch_size))
+            else:
+                rationales = engine_rationales(backend, tokenizer, open_ids, max_think_tokens)
         prompts = [rec_prompt_ids(tokenizer, h, think=think, rationale=r, max_items=max_items)
                    for h, r in zip(hs, rationales, strict=True)]
-        ranked = beam_search_sids(model, prompts, trie, vocab, beam, levels=levels, batch_size=batch_size)
+        ranked = backend.prefixes(prompts, levels=levels, beam_size=beam)
         for uid, h, r, pref in zip(uids, hs, rationales, ranked, strict=True):
             out.append(UserPrefixes(uid, tuple(it["item_id"] for it in h), r,
                                     tuple((tuple(c), float(s)) for c, s in pref)))
         log.info("precompute: %d/%d users", min(lo + chunk, len(users)), len(users))
     return out, skipped
+
+
+def engine_rationales(backend, tokenizer, open_ids: Sequence[Sequence[int]], max_tokens: int) -> list[str]:
+    """Greedy rationales on an engine backend (``generate``), cut and decoded as the HF path does."""
+    from onerec_prod.eval.beam import THINK_END
+
+    stops = [int(tokenizer.convert_tokens_to_ids(THINK_END))]
+    if tokenizer.eos_token_id is not None:
+        stops.append(int(tokenizer.eos_token_id))
+    out = []
+    for row in backend.generate(open_ids, max_tokens=max_tokens, stop_token_ids=stops):
+        cut = next((j for j, t in enumerate(row) if t in stops), len(row))
+        out.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -405,6 +429,7 @@ def precompute(
     histories: Mapping[str, Sequence[str]] | None = None,
     catalog: Sequence[Mapping[str, Any]] | None = None,
     write_table: bool = True,
+    backend=None,
 ) -> dict[str, Any]:
     """Think-Ahead prefixes of day ``dt`` for ``model_version`` (see the module docstring).
 
@@ -420,12 +445,15 @@ def precompute(
         catalog: catalog rows (``item_id, title, categories, sid, sid_version``) instead of
             reading ``catalog``.
         write_table: write Delta ``think_ahead`` (the export is always written).
+        backend: a running backend for ``model_dir`` to use (left open); default: the one of
+            ``serving.backend``, built here and closed at the end (``vllm`` starts an engine
+            server for the run).
 
     Returns:
         ``users`` (rows written), ``skipped_users``, ``items``, ``export`` (dir),
         ``table_version`` and the Delta versions read.
     """
-    from onerec_prod.model.io import load_model, load_tokenizer
+    from onerec_prod.model.io import load_tokenizer
     from onerec_prod.sid.tokens import SidVocab, level_sizes
     from onerec_prod.sid.trie import SidTrie
 
@@ -449,14 +477,26 @@ def precompute(
     trie = SidTrie.from_sids([it["sid"] for it in items], sizes)
     tok = load_tokenizer(model_dir)
     vocab = SidVocab.from_tokenizer(tok, sizes)
-    model = load_model(model_dir, device=scfg.device)
-    log.info("precompute dt=%s model_version=%s: %d candidate users, %d items, k=%d, B=%d, think=%s",
-             dt, model_version, len(histories), len(items), scfg.prefix_levels, scfg.prefix_beam, scfg.think)
-    rows, skipped = compute_prefixes(
-        model, tok, trie, vocab, histories, {it["item_id"]: it for it in items},
-        levels=scfg.prefix_levels, beam=scfg.prefix_beam, think=scfg.think,
-        max_items=cfg.samples.max_history, max_think_tokens=scfg.max_think_tokens,
-        batch_size=scfg.batch_size, seed=cfg.eval.seed)
+    own = backend is None
+    if own:
+        from onerec_prod.serving.backends import build_backend
+
+        backend = build_backend(scfg.backend, model_dir, trie, vocab, device=scfg.device, vllm=scfg.vllm,
+                                label=model_version, batch_size=scfg.batch_size)
+    else:
+        backend.trie = trie  # this run's catalog
+    log.info("precompute dt=%s model_version=%s backend=%s: %d candidate users, %d items, k=%d, B=%d, think=%s",
+             dt, model_version, backend.name, len(histories), len(items), scfg.prefix_levels, scfg.prefix_beam,
+             scfg.think)
+    try:
+        rows, skipped = compute_prefixes(
+            getattr(backend, "model", None), tok, trie, vocab, histories, {it["item_id"]: it for it in items},
+            levels=scfg.prefix_levels, beam=scfg.prefix_beam, think=scfg.think,
+            max_items=cfg.samples.max_history, max_think_tokens=scfg.max_think_tokens,
+            batch_size=scfg.batch_size, seed=cfg.eval.seed, backend=backend)
+    finally:
+        if own:
+            backend.close()
     table_v = _write_table(spark, cfg, dt, model_version, sid_version, rows) if write_table else None
     settings = {"prefix_levels": scfg.prefix_levels, "prefix_beam": scfg.prefix_beam, "think": scfg.think,
                 "max_history": cfg.samples.max_history, "read_versions": read_versions}

@@ -172,7 +172,8 @@ def load_state(cfg: Config, version: str, model_dir: str | Path, *, previous: Se
         with LOAD_LOCK:
             tokenizer = load_tokenizer(model_dir)
         vocab = SidVocab.from_tokenizer(tokenizer, sizes)
-        backend = build_backend(cfg.serving.backend, model_dir, trie, vocab, device=cfg.serving.device)
+        backend = build_backend(cfg.serving.backend, model_dir, trie, vocab, device=cfg.serving.device,
+                                vllm=cfg.serving.vllm, label=version)
     if not current:
         log.warning("no export for model version %s yet: serving every user through the fallback "
                     "(histories from %s, version %s)", version, path, exp.model_version)

