@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from onerec_prod.config import Config, load_config
+from onerec_prod.spark_server import SPARK_STAGES  # the Spark jobs, in DAG order
 
 log = logging.getLogger(__name__)
 
-SPARK_STAGES = ("update_catalog", "ingest_events", "build_sequences", "build_eval_snapshot", "build_samples")
 STAGES = (
     "landing",
     *SPARK_STAGES,

@@ -47,6 +47,7 @@ from typing import Any
 from onerec_prod.config import Config
 
 log = logging.getLogger(__name__)
+SPARK_STAGES = ("update_catalog", "ingest_events", "build_sequences", "build_eval_snapshot", "build_samples")
 ENV_URL = "ONEREC_SPARK_SERVER"  # set by `airflow up` in every task's environment
 _TOKEN_HEADER = "X-Onerec-Token"
 
@@ -106,8 +107,6 @@ class _State:
 def run_job(spark, job: str, dt: str, cfg: Config) -> dict[str, Any]:
     """``jobs.<job>.run(spark, dt, cfg).to_dict()``: what a Spark stage returns, in-process or here."""
     import importlib
-
-    from onerec_prod.pipeline import SPARK_STAGES
 
     if job not in SPARK_STAGES:
         raise ValueError(f"unknown Spark job {job!r} (valid: {', '.join(SPARK_STAGES)})")

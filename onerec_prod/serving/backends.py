@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+from onerec_prod.serving.deadline import DeadlineExceeded, check_deadline  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +42,6 @@ LOAD_LOCK = threading.Lock()
 Sid = tuple[int, ...]
 Scored = tuple[Sid, float]
 Ranked = list[Scored]
-
-
-class DeadlineExceeded(TimeoutError):
-    """The request's deadline passed before its generation started; the work is dropped."""
-
-
-def check_deadline(deadline: float | None) -> None:
-    """Raise :class:`DeadlineExceeded` when ``deadline`` (monotonic seconds) has passed."""
-    if deadline is not None and time.monotonic() > deadline:
-        raise DeadlineExceeded("request deadline passed before generation started")
 
 
 @runtime_checkable

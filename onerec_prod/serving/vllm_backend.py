@@ -359,7 +359,7 @@ class VLLMBackend:
         self, prompts: Sequence[Sequence[int]], prefixes: Sequence[Sequence[Scored]], *, beam_size: int,
         deadline: float | None = None,
     ) -> list[Ranked]:
-        from onerec_prod.serving.backends import check_deadline
+        from onerec_prod.serving.deadline import check_deadline
 
         check_deadline(deadline)  # the engine server batches concurrent calls itself: no lock here
         if len(prompts) != len(prefixes):
@@ -369,7 +369,7 @@ class VLLMBackend:
 
     def full(self, prompts: Sequence[Sequence[int]], *, beam_size: int,
              deadline: float | None = None) -> list[Ranked]:
-        from onerec_prod.serving.backends import check_deadline
+        from onerec_prod.serving.deadline import check_deadline
 
         check_deadline(deadline)
         return constrained_beam_search(prompts, self.trie, self.vocab, beam_size, self._step)

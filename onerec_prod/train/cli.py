@@ -114,7 +114,7 @@ def train_stage(cfg: Config, dt: str, stage_name: str, out_dir: Path, work: Path
     from onerec_prod.sid.tokens import level_sizes
     from onerec_prod.train.data import export_samples, read_manifest
     from onerec_prod.train.launcher import launch
-    from onerec_prod.train.sft import load_stage, stage_train_cfg
+    from onerec_prod.train.stages import load_stage, stage_train_cfg
 
     stage = load_stage(stage_name)
     tcfg = stage_train_cfg(cfg.train, stage)
@@ -188,7 +188,7 @@ def train_day(cfg: Config, dt: str, init_from: str | Path | None = None,
     ``bootstrap`` is set, else ``train.stage`` (``incremental``: from the champion). A chain
     stage's intermediate models go to ``<out>.stages/<name>``; only the last is ``out``.
     """
-    from onerec_prod.train.sft import load_stage
+    from onerec_prod.train.stages import load_stage
 
     stage_name = stage or ("bootstrap" if bootstrap else cfg.train.stage)
     top = load_stage(stage_name)

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     setup_logging("INFO")
     from onerec_prod.config import Config
-    from onerec_prod.train.sft import StageCfg, stage_train_cfg
+    from onerec_prod.train.stages import StageCfg, stage_train_cfg
 
     spec = json.loads(Path(a.spec).read_text())
     tcfg = stage_train_cfg(Config.model_validate(spec["config"]).train,
