@@ -1,9 +1,14 @@
 """build_eval_snapshot: the frozen gate set of day D -> ``eval_snapshot`` (replaceWhere dt = D).
 
 For every user of day D selected by a stable hash (:func:`eval_user_selected`: share
-``data.eval_user_fraction``, salt ``data.eval_salt``), the user's LAST event of day D (by ts,
-source_file, seq) with a non-empty history, taken from ``examples`` dt = D. The samples job
-excludes these event_ids from day D's training rows.
+``data.eval_user_fraction``, salt ``data.eval_salt``), the user's FIRST event (by ts,
+source_file, seq) of the user's latest calendar day (UTC date of ``ts``) in landing partition D,
+kept when its history (the user's items before that day) is non-empty, taken from ``examples``
+dt = D. On a daily partition that is the user's first event of D with its history through D-1; on
+a bootstrap partition (all history landed as one day) it is each user's last active day: a
+leave-one-out test of the bootstrap users. A next-day eval: the samples job keeps this event and every later one of the
+user's day out of training (a stream stops before its first held-out item), so for these users
+the day's candidate, like the champion, has seen their items through D-1 only.
 """
 
 from __future__ import annotations
@@ -39,16 +44,19 @@ def eval_user_column(user_col, fraction: float, salt: str):
 
 
 def transform_eval_snapshot(examples_day, events_day, fraction: float, salt: str):
-    """Eval rows: last event per selected user of the day (ties by source_file, seq), history non-empty."""
+    """Eval rows: per selected user, the first event of their latest calendar day in the partition
+    (ties by source_file, seq), history non-empty."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     order = events_day.select("event_id", "source_file", "seq")
     df = examples_day.where(eval_user_column(F.col("user_id"), fraction, salt)).join(order, "event_id")
-    w = Window.partitionBy("user_id").orderBy(F.col("ts").desc(), F.col("source_file").desc(),
-                                             F.col("seq").desc())
-    last = df.withColumn("_r", F.row_number().over(w)).where(F.col("_r") == 1)
-    return last.where(F.size("history") > 0).select(
+    day = F.to_date(F.from_unixtime(F.col("ts"), "yyyy-MM-dd"))
+    df = df.withColumn("_day", day).withColumn("_last", F.max("_day").over(Window.partitionBy("user_id")))
+    df = df.where(F.col("_day") == F.col("_last"))
+    w = Window.partitionBy("user_id").orderBy(F.col("ts"), F.col("source_file"), F.col("seq"))
+    first = df.withColumn("_r", F.row_number().over(w)).where(F.col("_r") == 1)
+    return first.where(F.size("history") > 0).select(
         "event_id", "user_id", "history", "target_item_id", "ts", "dt")
 
 

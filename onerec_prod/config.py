@@ -277,6 +277,13 @@ class EvalCfg(_Group):
     ks: list[int] = Field(default_factory=lambda: [5, 10], description="Cutoffs of Recall/NDCG.")
     batch_size: int = Field(32, ge=1, description="Users per beam-search batch.")
     max_users: int | None = Field(None, description="Cap on evaluated users (None = all).")
+    window_days: int = Field(
+        1, ge=1, description="Pool the eval snapshots of the trailing N days (D-N+1..D) when one day holds too "
+        "few events; every model of the day is scored on the same pooled events.",
+    )
+    mostpop_window_days: int | None = Field(
+        30, ge=1, description="MostPop counts the events of the trailing N days through D (None = all days).",
+    )
     think: bool = Field(False, description="Think mode: free rationale, then constrained SID.")
     max_think_tokens: int = Field(32, ge=1, description="Max rationale tokens in think mode.")
     bertscore_items: int = Field(64, ge=0, description="Caption items scored by BertScore.")
@@ -294,7 +301,7 @@ class EvalCfg(_Group):
 
 
 class GateCfg(_Group):
-    """Promotion gate: absolute floors and max regression vs the champion."""
+    """Promotion gate: floors, baselines to beat, a paired test vs the champion (see registry/gate.py)."""
 
     mode: Literal["enabled", "dry_run", "disabled"] = Field(
         "enabled", description="dry_run logs failures without blocking."
@@ -303,9 +310,27 @@ class GateCfg(_Group):
         default_factory=lambda: {"recall@10": 0.0, "ndcg@10": 0.0, "bertscore_f1": 0.0},
         description="Metric -> minimum value.",
     )
+    beat_baselines: list[str] = Field(
+        default_factory=lambda: ["mostpop"],
+        description="Baselines the candidate must beat (point estimate, same eval events), first model included.",
+    )
+    baseline_metrics: list[str] = Field(
+        default_factory=lambda: ["recall@10", "ndcg@10"], description="Metrics of the baseline checks."
+    )
+    paired_metrics: list[str] = Field(
+        default_factory=lambda: ["recall@10", "ndcg@10"],
+        description="Metrics of the paired bootstrap test vs the champion (per-user gains, same users).",
+    )
+    confidence: float = Field(
+        0.95, gt=0, lt=1, description="Level of the paired interval: block when all of it lies below -paired_margin."
+    )
+    paired_margin: float = Field(
+        0.0, ge=0, description="Tolerated drop vs the champion on top of the noise (absolute)."
+    )
+    n_boot: int = Field(1000, ge=100, description="Bootstrap resamples of the paired test.")
     max_regression: dict[str, float] = Field(
-        default_factory=lambda: {"recall@10": 0.01, "ndcg@10": 0.01, "bertscore_f1": 0.02},
-        description="Metric -> max absolute drop vs champion.",
+        default_factory=lambda: {"bertscore_f1": 0.02},
+        description="Metric -> max absolute drop vs champion, for metrics without per-user gains.",
     )
     backfill_moves_champion: bool = Field(
         True, description="May backfilled days promote a new champion."

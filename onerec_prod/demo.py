@@ -55,6 +55,9 @@ def day_summary(cfg: Config, dt: str) -> dict[str, Any]:
     promo = read_record(cfg, dt, "promote")
     rl = read_record(cfg, dt, "rl_refresh")
     counts = _get(ingest, "counts", default={}) or {}
+    ci = _get(ev, "intervals", "recall@10")
+    paired = next((c for c in _get(gate, "gate", "checks", default=[]) or []
+                   if c.get("kind") == "paired" and c.get("metric") == "recall@10"), None)
     return {
         "dt": dt,
         "events": counts.get("written", counts.get("events_written")),
@@ -65,11 +68,16 @@ def day_summary(cfg: Config, dt: str) -> dict[str, Any]:
         "rl_hit_before": _get(rl, "before", "hit_rate"),
         "rl_hit_after": _get(rl, "after", "hit_rate"),
         "sft_r@10": _get(ev, "sft_metrics", "recall@10"),
+        "eval_n": _get(ev, "n_users"),
         "recall@10": _get(ev, "metrics", "recall@10"),
+        "r@10_95ci": None if not ci else f"[{ci['low']:.3f},{ci['high']:.3f}]",
         "ndcg@10": _get(ev, "metrics", "ndcg@10"),
         "bertscore": _get(ev, "metrics", "bertscore_f1"),
         "mostpop_r@10": _get(ev, "baselines", "mostpop", "recall@10"),
         "sasrec_r@10": _get(ev, "baselines", "sasrec", "recall@10"),
+        "champ_r@10": _get(ev, "champion_metrics", "recall@10"),
+        "vs_champ": None if paired is None or paired.get("value") is None else (
+            f"{paired['value']:+.3f}[{paired['low']:+.3f},{paired['high']:+.3f}]"),
         "gate": None if gate is None else ("pass" if gate.get("passed_effective", gate.get("passed")) else "FAIL"),
         "champion": _get(promo, "version") if _get(promo, "promoted") else None,
     }

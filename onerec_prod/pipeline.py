@@ -153,24 +153,22 @@ def stage_rl_refresh(cfg: Config, dt: str, *, force: bool = False, **_: Any) -> 
 
 
 def stage_evaluate(cfg: Config, dt: str, **_: Any) -> dict[str, Any]:
-    """Evaluate the candidate and the champion on the same frozen snapshot of day D."""
-    from onerec_prod.eval.api import evaluate
+    """Score the candidate, the day's SFT model (when RL refreshed it) and the champion on the same
+    events (the eval snapshots of the window through D, read once)."""
+    from onerec_prod.eval.api import evaluate_models
     from onerec_prod.registry.registry import champion
 
     cand = final_candidate(cfg, dt)
-    report = evaluate(cfg, cand, dt)
+    others: dict[str, Path] = {}
     sft = candidate_dir(cfg, dt, "sft")
     if cand != sft and (sft / "config.json").exists():
-        # the RL refresh's effect on the same snapshot and users: SFT model vs RL-refreshed model
-        report["sft_metrics"] = evaluate(cfg, sft, dt, with_baselines=False)["metrics"]
+        others["sft"] = sft  # the RL refresh's effect on the same events: SFT model vs RL-refreshed model
     champ = champion(cfg)
     if champ is not None:
-        champ_report = evaluate(cfg, Path(champ[1]), dt, with_baselines=False)
-        report["champion_metrics"] = champ_report["metrics"]
+        others["champion"] = Path(champ[1])
+    report = evaluate_models(cfg, dt, cand, others=others)
+    if champ is not None:
         report["champion_version"] = champ[0]
-    reports = runs_dir(cfg, dt)
-    reports.mkdir(parents=True, exist_ok=True)
-    (reports / "eval_report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
 
 
@@ -203,8 +201,11 @@ def stage_promote(cfg: Config, dt: str, *, is_backfill: bool = False, **_: Any) 
     if gate is None:
         raise StageError(f"no gate record for dt={dt}: run gate_register first")
     version = gate.get("version")
-    if not gate.get("passed"):
-        return {"promoted": False, "reason": "gate failed", "version": version}
+    # the same rule as `onerec-prod promote`: a dry_run/disabled gate records failures but does not block
+    if not gate.get("passed_effective", gate.get("passed")):
+        return {"promoted": False, "reason": "gate failed", "version": version,
+                "failed_checks": [f"{c['metric']}:{c['kind']}" for c in (gate.get("gate") or {}).get("checks", [])
+                                  if not c.get("passed")]}
     if is_backfill and not cfg.gate.backfill_moves_champion:
         return {"promoted": False, "reason": "backfill run and gate.backfill_moves_champion=false",
                 "version": version}

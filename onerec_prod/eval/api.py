@@ -1,7 +1,8 @@
 """``evaluate(cfg, model_dir, dt)``: the report the gate, the DAG and the CLI use.
 
-Reads (Delta, via :mod:`onerec_prod.lake`): ``eval_snapshot`` dt = D (users, histories and the
-held-out targets), the ``catalog`` (every item and SID), and ``events`` dt <= D minus every
+Reads (Delta, via :mod:`onerec_prod.lake`): ``eval_snapshot`` dt in the trailing
+``eval.window_days`` days through D (each selected user's first event of a day, with the history
+before it: a next-day eval of a model that never trained on those events), the ``catalog`` (every item and SID), and ``events`` dt <= D minus every
 eval-snapshot event (the baselines' training data: the days the model was trained on, without the
 held-out events). Then :func:`evaluate_inputs` (no Spark) does the work:
 
@@ -9,7 +10,11 @@ held-out events). Then :func:`evaluate_inputs` (no Spark) does the work:
 2. constrained beam search (``eval.beam_size``) per user, think mode optional;
 3. Recall/NDCG@K over all selected users (a user whose target has no SID still counts, as 0);
 4. caption BertScore on the fixed item sample plus the day's new items;
-5. MostPop and SASRec on the same users and targets.
+5. MostPop (trailing ``eval.mostpop_window_days``) and SASRec on the same users and targets;
+6. per-user gains (``per_user``) so the gate can run a paired test against the champion.
+
+:func:`evaluate_models` reads the inputs once and scores several models (candidate, SFT model,
+champion) on exactly the same events.
 """
 
 from __future__ import annotations
@@ -40,14 +45,26 @@ class EvalInputs:
     catalog: list[dict[str, Any]]           # item_id, title, categories, sid, sid_version, first_seen_dt
     train_sequences: list[list[str]]        # per user, oldest first, eval events excluded
     data_versions: dict[str, int | None] = field(default_factory=dict)
+    recent_sequences: list[list[str]] | None = None  # MostPop's window (None: train_sequences)
 
 
 # --------------------------------------------------------------------------------------
 # reading
 
 
+def window_start(dt: str, days: int) -> str:
+    """First day of the trailing ``days``-day window ending on ``dt``.
+
+    >>> window_start("2014-03-02", 3)
+    '2014-02-28'
+    """
+    from datetime import date, timedelta
+
+    return (date.fromisoformat(dt) - timedelta(days=days - 1)).isoformat()
+
+
 def read_eval_inputs(spark, cfg: Config, dt: str) -> EvalInputs:
-    """Collect the snapshot of ``dt``, the catalog and the baselines' training sequences."""
+    """Collect the snapshot rows of the window through ``dt``, the catalog and the baselines' data."""
     from pyspark.sql import functions as F
 
     from onerec_prod.lake import read_table, table_path, table_version
@@ -59,11 +76,14 @@ def read_eval_inputs(spark, cfg: Config, dt: str) -> EvalInputs:
         raise EvalInputError(f"eval dt={dt}: Delta tables {missing} do not exist under {cfg.paths.lake} "
                              "(run the day's jobs first: ingest_events, update_catalog, build_eval_snapshot)")
     snap_all = read_table(spark, paths["eval_snapshot"], versions["eval_snapshot"])
-    snap = snap_all.where(F.col("dt") == dt).select("event_id", "user_id", "history", "target_item_id")
+    lo = window_start(dt, cfg.eval.window_days)
+    snap = snap_all.where((F.col("dt") >= lo) & (F.col("dt") <= dt)).select(
+        "event_id", "user_id", "history", "target_item_id", "dt")
     snapshot = [{"event_id": r["event_id"], "user_id": r["user_id"], "history": list(r["history"] or []),
-                 "target_item_id": r["target_item_id"]} for r in snap.collect()]
+                 "target_item_id": r["target_item_id"], "dt": str(r["dt"])} for r in snap.collect()]
     if not snapshot:
-        raise EvalInputError(f"eval_snapshot has no rows for dt={dt} (run job build_eval_snapshot --date {dt})")
+        raise EvalInputError(f"eval_snapshot has no rows for dt={dt} (window {lo}..{dt}; run job "
+                             f"build_eval_snapshot --date {dt})")
     cat = read_table(spark, paths["catalog"], versions["catalog"]).select(
         "item_id", "title", "categories", "sid", "sid_version", "first_seen_dt")
     catalog = [{"item_id": r["item_id"], "title": r["title"], "categories": r["categories"],
@@ -75,9 +95,13 @@ def read_eval_inputs(spark, cfg: Config, dt: str) -> EvalInputs:
     seqs = train.groupBy("user_id").agg(
         F.sort_array(F.collect_list(F.struct("ts", "source_file", "seq", "item_id"))).alias("s"))
     train_sequences = [[x["item_id"] for x in r["s"]] for r in seqs.orderBy("user_id").collect()]
+    recent = None
+    if cfg.eval.mostpop_window_days:
+        mlo = window_start(dt, cfg.eval.mostpop_window_days)
+        recent = [[r["item_id"] for r in train.where(F.col("dt") >= mlo).select("item_id").collect()]]
     log.info("eval inputs dt=%s: %d snapshot users, %d catalog items, %d training sequences, versions %s",
              dt, len(snapshot), len(catalog), len(train_sequences), versions)
-    return EvalInputs(dt, snapshot, catalog, train_sequences, versions)
+    return EvalInputs(dt, snapshot, catalog, train_sequences, versions, recent)
 
 
 # --------------------------------------------------------------------------------------
@@ -182,7 +206,12 @@ def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, t
     timing["users_per_s"] = len(users) / max(timing["recommend_s"], 1e-9)
     metrics: dict[str, Any] = compute_metrics(ranked, targets, ecfg.ks)
     per_user_gains, summarize = _stats()
-    intervals = summarize(per_user_gains(ranked, targets, max(ecfg.ks)), seed=ecfg.seed)
+    gains = per_user_gains(ranked, targets, ecfg.ks)
+    intervals = summarize({k: v for k, v in gains.items() if k.endswith(f"@{max(ecfg.ks)}")}, seed=ecfg.seed)
+    per_user = {"event_ids": [u["event_id"] for u in users], **{k: [round(x, 6) for x in v] for k, v in gains.items()}}
+    events_per_day: dict[str, int] = {}
+    for u in users:
+        events_per_day[str(u.get("dt", inputs.dt))] = events_per_day.get(str(u.get("dt", inputs.dt)), 0) + 1
 
     t2 = time.perf_counter()
     bert: dict[str, Any] = {"bertscore_f1": None}
@@ -200,7 +229,7 @@ def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, t
         ecfg.baselines, inputs.train_sequences, [u["history"] for u in users], targets, ecfg.ks,
         sasrec_params={"epochs": ecfg.sasrec_epochs, "dim": ecfg.sasrec_dim, "max_len": ecfg.sasrec_max_len,
                        "device": dev},
-        seed=ecfg.seed,
+        seed=ecfg.seed, mostpop_sequences=inputs.recent_sequences,
     ) if (ecfg.baselines and with_baselines) else {}
     timing["baselines_s"] = time.perf_counter() - t3
     timing["total_s"] = time.perf_counter() - t0
@@ -214,6 +243,10 @@ def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, t
         "think": think,
         "metrics": metrics,
         "intervals": intervals,
+        "per_user": per_user,
+        "events_per_day": dict(sorted(events_per_day.items())),
+        "window": {"from": window_start(inputs.dt, ecfg.window_days), "to": inputs.dt,
+                   "mostpop_days": ecfg.mostpop_window_days},
         "baselines": baselines,
         "bertscore": bert,
         "counts": {"snapshot_users": len(inputs.snapshot), "catalog_items": len(inputs.catalog),
@@ -231,6 +264,26 @@ def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, t
     log.info("eval dt=%s users=%d %s baselines=%s (%.1fs)", inputs.dt, len(users),
              {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
              {n: round(b.get("recall@10", 0.0), 4) for n, b in baselines.items()}, timing["total_s"])
+    return report
+
+
+def evaluate_models(cfg: Config, dt: str, candidate: str | Path, *, others: Mapping[str, str | Path] | None = None,
+                    spark=None, device: str | None = None) -> dict[str, Any]:
+    """The candidate's report, with every model of ``others`` (``{"champion": dir, "sft": dir}``) scored
+    on the SAME inputs, read once: ``report[f"{name}_metrics"]`` and ``report[f"{name}_per_user"]``."""
+    if spark is None:
+        from onerec_prod.spark import get_spark
+
+        spark = get_spark(cfg.spark)
+    inputs = read_eval_inputs(spark, cfg, dt)
+    report = evaluate_inputs(cfg, candidate, inputs, device=device)
+    for name, model_dir in (others or {}).items():
+        other = evaluate_inputs(cfg, model_dir, inputs, device=device, with_baselines=False)
+        if other["per_user"]["event_ids"] != report["per_user"]["event_ids"]:
+            raise EvalInputError(f"{name} was scored on other events than the candidate (internal error)")
+        report[f"{name}_metrics"] = other["metrics"]
+        report[f"{name}_per_user"] = {k: v for k, v in other["per_user"].items() if k != "event_ids"}
+        report[f"{name}_intervals"] = other["intervals"]
     return report
 
 

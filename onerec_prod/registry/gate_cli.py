@@ -54,6 +54,13 @@ def _numeric(metrics: dict[str, Any] | None) -> dict[str, float]:
     return out
 
 
+def _gains(per_user: dict[str, Any] | None) -> dict[str, list[float]] | None:
+    """The per-user gain lists of an eval report's ``per_user`` block (None when absent)."""
+    if not per_user:
+        return None
+    return {k: [float(x) for x in v] for k, v in per_user.items() if k != "event_ids"}
+
+
 def gate_and_register(
     cfg: Config, dt: str, model_dir: str | Path, report: dict[str, Any], lineage: dict[str, Any],
     *, catalog: list[dict[str, Any]] | None = None,
@@ -97,7 +104,12 @@ def gate_and_register(
     elif report.get("champion_metrics"):
         log.warning("report has champion_metrics but the registry has no champion: floors only")
 
-    result = gate(cand, champ_metrics, cfg.gate)
+    same_events = champ_metrics is not None and source.startswith("report")
+    result = gate(cand, champ_metrics, cfg.gate,
+                  gains=_gains(report.get("per_user")),
+                  champion_gains=_gains(report.get("champion_per_user")) if same_events else None,
+                  baselines={k: _numeric(v) for k, v in (report.get("baselines") or {}).items()},
+                  intervals=report.get("intervals"), seed=cfg.eval.seed)
     gate_dict = result.to_dict() | {"champion_version": champ_version, "champion_metrics_source": source}
     registry.record_gate(cfg, version, gate_dict, cand)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -255,7 +256,7 @@ def test_examples_and_history_match_the_plain_python_reference(lakes):
     assert any(len(r[2]) > 0 for r in snap["examples"] if r[5] == DAYS[1])  # bootstrap history is used
 
 
-def test_eval_snapshot_is_last_event_of_hashed_users(lakes):
+def test_eval_snapshot_is_first_event_of_hashed_users(lakes):
     from jobs.build_eval_snapshot import eval_user_selected
 
     cfg, snap = lakes["cfg"], lakes["first"]
@@ -266,18 +267,24 @@ def test_eval_snapshot_is_last_event_of_hashed_users(lakes):
         users = {r[1] for r in rows}
         assert len(users) == len(rows)
         assert all(eval_user_selected(u, cfg.data.eval_user_fraction, cfg.data.eval_salt) for u in users)
-        # exactly: selected users whose last event of the day has a non-empty history
-        last_example: dict[str, tuple] = {}
+        # exactly: per selected user, the first event of their latest calendar day in the partition,
+        # kept when its history is non-empty
+        def day_of(e):
+            return datetime.fromtimestamp(e[3], UTC).date()
+
+        by_user: dict[str, list] = {}
         for ex in snap["examples"]:
             if ex[5] == dt and eval_user_selected(ex[1], cfg.data.eval_user_fraction, cfg.data.eval_salt):
-                e = ev[ex[0]]
-                if ex[1] not in last_example or (e[3], e[6], e[5]) > last_example[ex[1]][0]:
-                    last_example[ex[1]] = ((e[3], e[6], e[5]), ex)
-        assert sorted(rows) == sorted(ex for _, ex in last_example.values() if ex[2])
+                by_user.setdefault(ex[1], []).append((ev[ex[0]], ex))
+        want = []
+        for pairs in by_user.values():
+            last_day = max(day_of(e) for e, _ in pairs)
+            e, ex = min(((e, ex) for e, ex in pairs if day_of(e) == last_day), key=lambda p: (p[0][3], p[0][6], p[0][5]))
+            if ex[2]:
+                want.append(ex)
+        assert sorted(rows) == sorted(want)
         for r in rows:
-            same_user = [e for e in snap["events"] if e[1] == r[1] and e[7] == dt]
-            last = max(same_user, key=lambda e: (e[3], e[6], e[5]))
-            assert last[0] == r[0] and ev[r[0]][2] == r[3] and len(r[2]) > 0
+            assert ev[r[0]][2] == r[3] and len(r[2]) > 0
 
 
 def test_job_entry_points(lakes, capsys):

@@ -24,10 +24,13 @@ def test_summary_rows_come_from_the_run_records_and_a_failed_day_shows_dashes(tm
     write_record(cfg, d1, "rl_refresh", {"before": {"hit_rate": 0.25}, "after": {"hit_rate": 0.5}})
     write_record(cfg, d1, "evaluate", {
         "metrics": {"recall@10": 0.04, "ndcg@10": 0.02, "bertscore_f1": 0.61},
-        "sft_metrics": {"recall@10": 0.03},
+        "n_users": 250, "intervals": {"recall@10": {"mean": 0.04, "low": 0.0201, "high": 0.0649}},
+        "sft_metrics": {"recall@10": 0.03}, "champion_metrics": {"recall@10": 0.035},
         "baselines": {"mostpop": {"recall@10": 0.01}, "sasrec": {"recall@10": 0.05}},
     })
-    write_record(cfg, d1, "gate_register", {"passed": False, "passed_effective": True})
+    write_record(cfg, d1, "gate_register", {"passed": False, "passed_effective": True, "gate": {"checks": [
+        {"metric": "recall@10", "kind": "baseline", "value": 0.04, "passed": True},
+        {"metric": "recall@10", "kind": "paired", "value": 0.005, "low": -0.012, "high": 0.021, "passed": True}]}})
     write_record(cfg, d1, "promote", {"promoted": True, "version": 2})
     # day 2 failed after ingest: only its first record exists
     write_record(cfg, d2, "ingest_events", {"counts": {"events_written": 376, "quarantined": 0}})
@@ -36,8 +39,9 @@ def test_summary_rows_come_from_the_run_records_and_a_failed_day_shows_dashes(tm
     assert r1 == {
         "dt": d1, "events": 239, "quarantined": 8, "new_items": 2, "train_path": "incremental",
         "train_loss": 6.5976, "rl_hit_before": 0.25, "rl_hit_after": 0.5, "sft_r@10": 0.03,
-        "recall@10": 0.04, "ndcg@10": 0.02, "bertscore": 0.61, "mostpop_r@10": 0.01,
-        "sasrec_r@10": 0.05, "gate": "pass", "champion": 2,
+        "eval_n": 250, "recall@10": 0.04, "r@10_95ci": "[0.020,0.065]", "ndcg@10": 0.02, "bertscore": 0.61,
+        "mostpop_r@10": 0.01, "sasrec_r@10": 0.05, "champ_r@10": 0.035, "vs_champ": "+0.005[-0.012,+0.021]",
+        "gate": "pass", "champion": 2,
     }
     assert (r2["events"], r2["quarantined"], r2["train_path"], r2["gate"], r2["champion"]) == (
         376, 0, None, None, None)

@@ -14,8 +14,10 @@ DELTAS = {"recall@10": 0.01, "ndcg@10": 0.01}
 CHAMP = {"recall@10": 0.20, "ndcg@10": 0.10}
 
 
-def cfg(mode: str = "enabled", floors=FLOORS, deltas=DELTAS) -> GateCfg:
-    return GateCfg(mode=mode, floors=floors, max_regression=deltas)
+def cfg(mode: str = "enabled", floors=FLOORS, deltas=DELTAS, **stat) -> GateCfg:
+    """Floors and absolute regressions only, unless ``stat`` sets the baseline/paired checks."""
+    stat = {"beat_baselines": [], "paired_metrics": [], **stat}
+    return GateCfg(mode=mode, floors=floors, max_regression=deltas, **stat)
 
 
 def verdicts(result: GateResult) -> list[tuple[str, str, bool]]:
@@ -102,7 +104,8 @@ def test_to_dict_round_trip_and_table():
     r = gate({"recall@10": 0.185, "ndcg@10": 0.11}, CHAMP, cfg())
     assert GateResult.from_dict(r.to_dict()) == r
     table = r.format_table()
-    assert table.splitlines()[0].split() == ["metric", "check", "value", "threshold", "champion", "verdict"]
+    assert table.splitlines()[0].split() == ["metric", "check", "vs", "value", "95%", "interval",
+                                              "threshold", "champion", "n", "verdict"]
     assert "FAIL" in table and table.splitlines()[-1].startswith("gate FAILED")
 
 
@@ -110,3 +113,69 @@ def test_unknown_mode_rejected():
     bad = GateCfg.model_construct(mode="sometimes", floors={}, max_regression={})
     with pytest.raises(ValueError, match="enabled\\|dry_run\\|disabled"):
         gate({}, None, bad)
+
+
+# --------------------------------------------------------------------------------------
+# statistical checks: baselines on the same events, paired test vs the champion
+
+
+def _gains(hits: list[int]) -> dict[str, list[float]]:
+    return {"recall@10": [float(h) for h in hits], "ndcg@10": [0.5 * h for h in hits]}
+
+
+def _means(g: dict[str, list[float]]) -> dict[str, float]:
+    return {k: sum(v) / len(v) for k, v in g.items()}
+
+
+STAT = {"floors": {}, "deltas": {}, "beat_baselines": ["mostpop"], "paired_metrics": ["recall@10", "ndcg@10"]}
+
+
+def test_a_model_scoring_zero_or_at_mostpop_never_passes_first_model_included():
+    zero = _gains([0] * 200)
+    r = gate(_means(zero), None, cfg(**STAT), gains=zero, baselines={"mostpop": {"recall@10": 0.0, "ndcg@10": 0.0}})
+    assert not r.passed and {c.kind for c in r.failures} == {"baseline"}
+    tie = _gains([1] * 10 + [0] * 190)
+    r = gate(_means(tie), None, cfg(**STAT), gains=tie, baselines={"mostpop": _means(tie)})
+    assert not r.passed and "does not beat mostpop" in r.failures[0].message
+    better = _gains([1] * 30 + [0] * 170)
+    r = gate(_means(better), None, cfg(**STAT), gains=better, baselines={"mostpop": _means(tie)})
+    assert r.passed and r.first_model and [c.kind for c in r.checks] == ["baseline", "baseline"]
+
+
+def test_missing_baseline_fails_with_the_reason():
+    g = _gains([1] * 30 + [0] * 170)
+    r = gate(_means(g), None, cfg(**STAT), gains=g, baselines={})
+    assert not r.passed and "gate.beat_baselines" in r.failures[0].message
+
+
+def test_paired_test_blocks_a_clearly_worse_candidate():
+    champ = _gains([1] * 60 + [0] * 140)
+    cand = _gains([1] * 20 + [0] * 180)  # lost 40 of the champion's 60 hits, gained none
+    mp = {"mostpop": {"recall@10": 0.01, "ndcg@10": 0.005}}
+    r = gate(_means(cand), _means(champ), cfg(**STAT), gains=cand, champion_gains=champ, baselines=mp)
+    paired = [c for c in r.checks if c.kind == "paired"]
+    assert not r.passed and len(paired) == 2 and not any(c.passed for c in paired)
+    c = paired[0]
+    assert c.high < 0 and c.low <= c.value <= c.high and c.n == 200 and abs(c.value + 0.2) < 1e-9
+    assert "beyond the noise" in c.message and "[" in r.format_table()
+
+
+def test_paired_test_does_not_block_a_difference_within_noise():
+    champ = _gains([1] * 30 + [0] * 170)
+    # two hits lost, one gained, on other users: a single-hit net difference
+    cand_hits = [1] * 28 + [0] * 2 + [1] + [0] * 169
+    cand = _gains(cand_hits)
+    mp = {"mostpop": {"recall@10": 0.01, "ndcg@10": 0.005}}
+    r = gate(_means(cand), _means(champ), cfg(**STAT), gains=cand, champion_gains=champ, baselines=mp)
+    paired = [c for c in r.checks if c.kind == "paired"]
+    assert r.passed and all(c.low < 0 < c.high for c in paired) and paired[0].value < 0
+
+
+def test_paired_margin_and_missing_gains():
+    champ = _gains([1] * 60 + [0] * 140)
+    cand = _gains([1] * 20 + [0] * 180)
+    mp = {"mostpop": {"recall@10": 0.0, "ndcg@10": 0.0}}
+    loose = cfg(**STAT, paired_margin=0.5)
+    assert gate(_means(cand), _means(champ), loose, gains=cand, champion_gains=champ, baselines=mp).passed
+    r = gate(_means(cand), _means(champ), cfg(**STAT), gains=cand, champion_gains=None, baselines=mp)
+    assert not r.passed and "per-user gains missing" in r.failures[0].message
