@@ -206,6 +206,32 @@ class Ours:
                             self.max_items)
 
 
+def bootstrap_model(ours: Ours, tl: Timeline, start_day: date, args, cfg, work: Path):
+    """The bootstrap model (trained on every day before the start), cached in the work dir by its
+    settings so that runs varying only the daily arms share it (``--bootstrap-cache``)."""
+    import hashlib
+
+    from onerec_prod.model.io import load_model, read_meta, save_model
+
+    key = hashlib.sha256(json.dumps([args.dataset, args.start, args.bootstrap_minutes, args.probe_users, args.seed,
+                                     args.stream, cfg.model.model_dump(), cfg.sid.model_dump()],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    cache = work / f"freshness-boot-{key}"
+    if args.bootstrap_cache and (cache / "config.json").exists():
+        log.info("bootstrap model from the cache %s", cache)
+        return load_model(cache, device="cpu", dtype="float32"), read_meta(cache)["bootstrap_cost"]
+    t0 = time.perf_counter()
+    boot = ours.fresh()
+    rows = stream_rows(list(tl.train_seqs(start_day).values()), ours.sids, ours.vocab, ours.max_items)
+    fit = ours.fit(boot, rows, epochs=1000, minutes=args.bootstrap_minutes, lr=args.stream["lr"],
+                   warmup=args.stream["warmup_steps"], seed=cfg.train.seed)
+    cost = {"seconds": time.perf_counter() - t0, "tokens": fit.tokens, "epochs": fit.epochs, "rows": len(rows)}
+    if args.bootstrap_cache:
+        save_model(boot, ours.tok, cache, {"stage": "bench_freshness_bootstrap", "sid_version": ours.sid_version,
+                                            "bootstrap_cost": cost})
+    return boot, cost
+
+
 # --------------------------------------------------------------------------------------
 # SASRec arm (a child process with --parallel)
 
@@ -264,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam", type=int, default=10, help="Beam width of the LM arms.")
     p.add_argument("--stream", default="{}", help="JSON overrides of the fit settings: " + json.dumps(DEFAULT_STREAM))
     p.add_argument("--parallel", action="store_true", help="Run the SASRec arm in a child process (1 thread).")
+    p.add_argument("--bootstrap-cache", action="store_true",
+                   help="Keep the bootstrap model in the work dir and reuse it when the settings match (its "
+                        "recorded cost is reported again).")
     p.add_argument("--json", default=None, help="Write the results here too.")
     p.add_argument("--plot", default=None, help="Per-day R@10 plot (PNG) of every arm.")
     p.add_argument("--seed", type=int, default=0)
@@ -317,15 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         _, _, data_key = load_sequences(args.dataset, work)  # the quality bench's key: shares its SID cache
         sids, sid_version, _ = service_sids(cfg, items, work, data_key)
         ours = Ours(cfg, items, sids, sid_version, work, args)
-        t0 = time.perf_counter()
-        boot = ours.fresh()
-        boot_rows = stream_rows(list(tl.train_seqs(start_day).values()), sids, ours.vocab, ours.max_items)
-        fit = ours.fit(boot, boot_rows, epochs=1000, minutes=args.bootstrap_minutes, lr=args.stream["lr"],
-                       warmup=args.stream["warmup_steps"], seed=cfg.train.seed)
-        boot_cost = {"seconds": time.perf_counter() - t0, "tokens": fit.tokens, "epochs": fit.epochs,
-                     "rows": len(boot_rows)}
-        log.info("bootstrap: %d rows, %d epochs, %d tokens, %.0fs", len(boot_rows), fit.epochs, fit.tokens,
-                 boot_cost["seconds"])
+        boot, boot_cost = bootstrap_model(ours, tl, start_day, args, cfg, work)
+        log.info("bootstrap: %d rows, %d epochs, %d tokens, %.0fs", boot_cost["rows"], boot_cost["epochs"],
+                 boot_cost["tokens"], boot_cost["seconds"])
         models = {a: (boot if a == "frozen" else copy.deepcopy(boot)) for a in lm_arms}
         rng = random.Random(args.seed)
         for i, day in enumerate(days):
