@@ -45,6 +45,8 @@ class PathsCfg(_Group):
     raw_root: str = Field("raw", description="Landing zone: raw/events/dt=D, raw/items/dt=D.")
     models_root: str = Field("models", description="Checkpoints and exported model dirs.")
     artifacts_root: str = Field("artifacts", description="SID codebooks, reports, exports.")
+    runs_root: str = Field(
+        "runs", description="Run records (<runs>/dt=D/<stage>.json, the eval report); local dir or s3a:// URI.")
     dataset_dir: str = Field(
         "../shared/data/beauty", description="Source dataset for `onerec-prod replay`."
     )
@@ -83,9 +85,38 @@ class PathsCfg(_Group):
         return self.resolve(self.artifacts_root)
 
     @property
+    def runs(self) -> str:
+        return self.resolve(self.runs_root)
+
+    def object_store_roots(self) -> dict[str, str]:
+        """The roots that are on an object store (``{"lake_root": "s3a://..."}``)."""
+        return {k: v for k, v in self.model_dump().items()
+                if k.endswith("_root") and "://" in v and not v.startswith("file://")}
+
+    @property
     def dataset(self) -> Path:
         p = Path(self.dataset_dir)
         return p if p.is_absolute() else (REPO_ROOT / p).resolve()
+
+
+class StorageCfg(_Group):
+    """Object-store access (onerec_prod.storage): s3fs on the Python side, Hadoop s3a for Spark.
+
+    Credentials are not config: both read ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``.
+    """
+
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (None = the provider's default for s3_region).")
+    s3_region: str = Field("us-east-1", description="Region of the buckets.")
+    s3_path_style: bool = Field(
+        False, description="Path-style addressing (http://host/bucket/key), needed by most S3-compatible servers.")
+    hadoop_aws_version: str = Field(
+        "3.5.0", description="org.apache.hadoop:hadoop-aws for Spark; must equal Spark's bundled Hadoop.")
+    delta_log_store: Literal["s3_single_driver", "s3_dynamodb"] = Field(
+        "s3_single_driver", description="Delta log store on S3: one writing driver per table at a time "
+        "(the DAG's case), or DynamoDB-coordinated commits for concurrent writers.")
+    delta_storage_version: str = Field("4.4.0", description="io.delta:delta-storage-s3-dynamodb version.")
+    dynamodb_table: str = Field("delta_log", description="DynamoDB table of the s3_dynamodb log store.")
 
 
 class SparkCfg(_Group):
@@ -495,6 +526,7 @@ class Config(_Group):
 
     env: Literal["local", "cluster", "test"] = Field("local", description="Runtime name.")
     paths: PathsCfg = Field(default_factory=PathsCfg)
+    storage: StorageCfg = Field(default_factory=StorageCfg)
     spark: SparkCfg = Field(default_factory=SparkCfg)
     data: DataCfg = Field(default_factory=DataCfg)
     sid: SidCfg = Field(default_factory=SidCfg)
@@ -508,6 +540,34 @@ class Config(_Group):
     serving: ServingCfg = Field(default_factory=ServingCfg)
     airflow: AirflowCfg = Field(default_factory=AirflowCfg)
     cluster: ClusterCfg = Field(default_factory=ClusterCfg)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spark_reaches_object_stores(cls, data: Any) -> Any:
+        """With a root on an object store, Spark gets the s3a connector's settings from ``storage``.
+
+        The keys given in ``spark.extra_conf`` win; ``spark.jars.packages`` lists are joined.
+        Local roots add nothing (no jar to resolve).
+        """
+        if not isinstance(data, dict):
+            return data
+        try:
+            paths = PathsCfg.model_validate(data.get("paths") or {})
+            store = StorageCfg.model_validate(data.get("storage") or {})
+        except ValidationError:
+            return data  # the main validation reports it
+        if not paths.object_store_roots():
+            return data
+        from onerec_prod.storage import spark_s3a_conf
+
+        spark = dict(data.get("spark") or {})
+        given = dict(spark.get("extra_conf") or {})
+        merged = {**spark_s3a_conf(store), **given}
+        if "spark.jars.packages" in given:
+            pk = spark_s3a_conf(store)["spark.jars.packages"].split(",") + given["spark.jars.packages"].split(",")
+            merged["spark.jars.packages"] = ",".join(dict.fromkeys(p.strip() for p in pk if p.strip()))
+        spark["extra_conf"] = merged
+        return {**data, "spark": spark}
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
