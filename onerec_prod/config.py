@@ -509,16 +509,61 @@ class AirflowCfg(_Group):
         return self
 
 
-class ClusterCfg(_Group):
-    """Cluster runtime (used by infra/ rendering and the launcher)."""
+class PodResources(_Group):
+    """Requests/limits of one Kubernetes pod (limits = requests for memory and GPUs)."""
 
-    enabled: bool = Field(False, description="True in configs/cluster.yaml.")
-    image: str = Field("onerec-prod:latest", description="Container image of every job.")
+    cpu: str = Field("2", description="CPU request.")
+    memory: str = Field("8Gi", description="Memory request and limit.")
+    gpus: int = Field(0, ge=0, description="nvidia.com/gpu request and limit.")
+
+
+class ClusterCfg(_Group):
+    """Kubernetes runtime: the DAG's operators (runtime=cluster), the training PyTorchJob, images.
+
+    ``runtime: local`` runs every stage inside its Airflow task process; ``runtime: cluster`` makes
+    the same DAG file submit Kubernetes work (dags/onerec_daily.py). Training nodes x GPUs are
+    ``train.nnodes`` x ``train.nproc``; multi-node ranks meet by c10d rendezvous at
+    ``master_addr:master_port`` (onerec_prod.train.launcher).
+    """
+
+    runtime: Literal["local", "cluster"] = Field(
+        "local", description="local: stages run in the Airflow task process; cluster: Kubernetes operators.")
+    image: str = Field("onerec-prod:latest", description="Image of Spark, training and batch pods.")
+    serving_image: str | None = Field(
+        None, description="Image of GPU inference pods (evaluate, precompute); None = <image name>-serving:<tag>.")
     namespace: str = Field("onerec", description="Kubernetes namespace.")
-    gpus_per_node: int = Field(8, ge=1, description="GPUs per training node.")
-    training_nodes: int = Field(10, ge=1, description="Training nodes.")
-    master_addr: str = Field("localhost", description="Rendezvous host of multi-node training.")
-    master_port: int = Field(29500, description="Rendezvous port.")
+    kubernetes_conn_id: str = Field("kubernetes_default", description="Airflow connection of the cluster.")
+    config_path: str = Field(
+        "configs/cluster.yaml", description="The config inside the images (mounted from the onerec-config ConfigMap).")
+    config_map: str = Field("onerec-config", description="ConfigMap holding cluster.yaml.")
+    service_account: str = Field("onerec-runner", description="Service account of the pods.")
+    spark_service_account: str = Field("onerec-spark", description="Service account of Spark drivers.")
+    secrets: list[str] = Field(
+        default_factory=lambda: ["onerec-object-store"],
+        description="Secrets mounted as environment (envFrom) in every pod: object-store keys etc.")
+    gpus_per_node: int = Field(8, ge=1, description="GPUs per training node (= train.nproc in the cluster).")
+    training_nodes: int = Field(10, ge=1, description="Training nodes (= train.nnodes in the cluster).")
+    master_addr: str = Field(
+        "localhost", description="c10d rendezvous host of multi-node training (the PyTorchJob sets its Master pod).")
+    master_port: int = Field(29500, ge=1, le=65535, description="c10d rendezvous port.")
+    train_cpu: str = Field("96", description="CPU request of a training pod.")
+    train_memory: str = Field("1200Gi", description="Memory of a training pod.")
+    train_node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of training pods.")
+    train_env: dict[str, str] = Field(default_factory=dict, description="Extra env of training pods (NCCL_*).")
+    volume_mounts: dict[str, str] = Field(
+        default_factory=lambda: {"onerec-shared": "/mnt/shared"},
+        description="PersistentVolumeClaim name -> mount path, in training and batch pods.")
+    pod_resources: dict[str, PodResources] = Field(
+        default_factory=dict, description="Per DAG task id: resources of its pod (default: PodResources()).")
+    @property
+    def inference_image(self) -> str:
+        if self.serving_image:
+            return self.serving_image
+        name, _, tag = self.image.rpartition(":")
+        return f"{name}-serving:{tag}" if name else f"{self.image}-serving"
+
+    def resources(self, task_id: str) -> PodResources:
+        return self.pod_resources.get(task_id, PodResources())
 
 
 class Config(_Group):
@@ -606,6 +651,15 @@ class Config(_Group):
             )
         if self.train.zero_stage and self.train.nproc * self.train.nnodes < 1:
             problems.append("train.nproc: DeepSpeed needs at least one process")
+        if self.cluster.runtime == "cluster" and (self.train.nnodes, self.train.nproc) != (
+                self.cluster.training_nodes, self.cluster.gpus_per_node):
+            problems.append(
+                f"train.nnodes x train.nproc = {self.train.nnodes} x {self.train.nproc} must equal "
+                f"cluster.training_nodes x cluster.gpus_per_node = {self.cluster.training_nodes} x "
+                f"{self.cluster.gpus_per_node} (one rank per GPU of every training pod)")
+        unknown = sorted(set(self.cluster.pod_resources) - set(DAG_TASK_IDS))
+        if unknown:
+            problems.append(f"cluster.pod_resources: unknown task id(s) {unknown}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
