@@ -472,11 +472,14 @@ def test_no_secret_values_anywhere_in_the_repo():
 
 def test_training_jobs_match_cluster_config():
     cfg = cluster_cfg()
+    from onerec_prod.train.launcher import job_shape
+
     for step in ("train", "rl"):
         job = one("PyTorchJob", f"onerec-{step}-")
         specs = job["spec"]["pytorchReplicaSpecs"]
-        assert sum(r["replicas"] for r in specs.values()) == cfg.cluster.training_nodes
-        assert int(job["spec"]["nprocPerNode"]) == cfg.cluster.gpus_per_node == cfg.train.nproc
+        nodes, per_node = job_shape(cfg, step)  # train: 10 x 8; rl: 1 x grpo.nproc
+        assert sum(r["replicas"] for r in specs.values()) == nodes
+        assert int(job["spec"]["nprocPerNode"]) == per_node == cfg.cluster.gpus_per_node
         assert cfg.train.nnodes == cfg.cluster.training_nodes
         for r in specs.values():
             pod = r["template"]["spec"]
@@ -640,6 +643,14 @@ def test_capacity_row_worked_by_hand():
         (2 * psi + 14 * psi / 80) / 2**30
     )
     assert cap.zero_memory_gib(cap.QWEN3_8B, 3, 80, 24_578) == pytest.approx(16 * psi / 80 / 2**30)
+
+
+def test_capacity_launch_shape_is_what_the_launcher_renders():
+    from onerec_prod.train.launcher import cluster_launch_argv
+
+    argv = cluster_launch_argv(cluster_cfg(), "train", "DS")
+    assert " ".join(argv) in (INFRA / "CAPACITY.md").read_text()
+    assert "--nnodes=10" in argv and "--nproc_per_node=8" in argv and "--standalone" not in argv
 
 
 def test_capacity_doc_matches_the_script():
