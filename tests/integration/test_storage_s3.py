@@ -151,3 +151,41 @@ def test_sid_codebooks_and_exports_live_on_s3(s3, s3_cfg, beauty_items, monkeypa
     exp = read_export(path)
     assert exp.users["u1"].prefixes == (((1, 2), -0.5),) and len(exp.items) == 5
     assert written_locally(cfg.paths.var_root) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_data_plane_writes_delta_tables_on_s3a(s3, s3_cfg, beauty_slice, tmp_path):
+    """replay -> landing -> update_catalog -> ingest_events -> build_sequences with every root on
+    the S3 server: Spark (hadoop-aws from Maven via spark.jars.packages) writes the Delta tables
+    over s3a://, in a process of its own (its own JVM with the s3a settings)."""
+    import subprocess
+    import sys
+
+    from onerec_prod.replay import replay
+
+    day = "2014-02-25"
+    replay(s3_cfg, day, 1, dataset=beauty_slice, bootstrap_before=None)
+    sets = [a for o in [f"paths.var_root={s3_cfg.paths.var_root}", "data.assign_sids=false",
+                        f"paths.dataset_dir={beauty_slice}",
+                        *(f"paths.{k}_root={getattr(s3_cfg.paths, k + '_root')}"
+                          for k in ("lake", "raw", "artifacts", "runs", "models")),
+                        f"registry.artifact_location={s3_cfg.registry.artifact_location}", *s3.overrides()]
+            for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "onerec_prod.cli", "--config", "configs/test.yaml", *sets, "run-day",
+           "--date", day, "--stage", "landing", "--stage", "update_catalog", "--stage", "ingest_events",
+           "--stage", "build_sequences"]
+    res = subprocess.run(cmd, env={**os.environ, **s3.env()}, capture_output=True, text=True, timeout=1700,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0, res.stderr[-4000:]
+    keys = s3.keys(BUCKET)
+    for table in ("catalog", "events", "user_history"):
+        assert f"{tmp_path.name}/lake/{table}/_delta_log/00000000000000000000.json" in keys, table
+    from onerec_prod import storage
+
+    rec = json.loads(storage.storage(s3_cfg).read_text(
+        storage.join(s3_cfg.paths.runs, f"dt={day}", "ingest_events.json")))
+    assert rec["counts"] and all(v is not None for v in rec["written_versions"].values())
+    print("S3 keys written:", len(keys), "; Delta tables:",
+          sorted({k.split("/")[2] for k in keys if k.startswith(f"{tmp_path.name}/lake/")}))
+    assert written_locally(s3_cfg.paths.var_root) == []

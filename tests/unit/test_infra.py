@@ -581,7 +581,7 @@ def test_static_training_job_matches_launcher_rendering():
     from onerec_prod.train import launcher  # our own module: a broken import fails, never skips
 
     cfg = cluster_cfg()
-    rendered = launcher.render_pytorchjob(cfg, "train", "{{ ds }}")
+    rendered = launcher.render_pytorchjob(cfg, "train", DS)  # the static file as loaded: ds filled in
     static = one("PyTorchJob", "onerec-train-")
     assert (rendered["apiVersion"], rendered["kind"]) == (static["apiVersion"], static["kind"])
     assert rendered["metadata"]["namespace"] == static["metadata"]["namespace"]
