@@ -189,3 +189,78 @@ def test_data_plane_writes_delta_tables_on_s3a(s3, s3_cfg, beauty_slice, tmp_pat
     print("S3 keys written:", len(keys), "; Delta tables:",
           sorted({k.split("/")[2] for k in keys if k.startswith(f"{tmp_path.name}/lake/")}))
     assert written_locally(s3_cfg.paths.var_root) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_whole_day_on_the_object_store(s3, make_cfg, beauty_slice, tmp_path):
+    """One whole day (replay -> data plane -> SIDs -> train -> RL -> eval -> gate -> register ->
+    promote -> precompute -> serve) with the lake, landing, artefacts, run records and MLflow
+    artefacts on the S3 server. Model checkpoints go to a POSIX directory outside the var root (the
+    cluster's ReadWriteMany volume); under the var root only MLflow's sqlite file, its locks and the
+    champion's download cache may appear."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from onerec_prod import storage
+    from onerec_prod.replay import replay
+
+    day = "2014-02-28"
+    prefix = f"s3a://{BUCKET}/{tmp_path.name}"
+    over = [*(f"paths.{k}_root={prefix}/{k}" for k in ("lake", "raw", "artifacts", "runs")),
+            f"paths.models_root={tmp_path / 'shared' / 'models'}",
+            f"registry.artifact_location=s3://{BUCKET}/{tmp_path.name}/mlflow", *s3.overrides(),
+            "sid.codebook_size=64", "sid.collision_size=64", "train.max_steps=2", "grpo.steps=1",
+            "eval.max_users=10", "eval.bertscore_items=2", "eval.sasrec_epochs=1", "serving.active_days=0"]
+    var = tmp_path / "var"
+    cfg = make_cfg(*over, root=var)
+    replay(cfg, day, 1, dataset=beauty_slice, bootstrap_before="2014-03-01")
+    sets = [a for o in [f"paths.var_root={var}", f"paths.dataset_dir={beauty_slice}", *over] for a in ("--set", o)]
+    res = subprocess.run([sys.executable, "-m", "onerec_prod.cli", "--config", "configs/test.yaml", *sets,
+                          "run-day", "--date", day], env={**os.environ, **s3.env()}, capture_output=True,
+                         text=True, timeout=3300, cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0, res.stderr[-5000:]
+
+    keys = s3.keys(BUCKET)
+    mine = [k for k in keys if k.startswith(f"{tmp_path.name}/")]
+    tables = sorted({k.split("/")[2] for k in mine if k.split("/")[1] == "lake" and "/_delta_log/" in k})
+    print("Delta tables on S3:", tables)
+    print("artifact URIs:", sorted({f"s3://{BUCKET}/" + "/".join(k.split("/")[:3]) for k in mine}))
+    for t in ("catalog", "events", "user_history", "eval_snapshot", "samples"):
+        assert t in tables, t
+    st = storage.storage(cfg)
+    from onerec_prod.sid.service import current_version
+
+    assert current_version(cfg) and st.exists(storage.join(cfg.paths.artifacts, "sid", current_version(cfg)))
+    gate = json.loads(st.read_text(storage.join(cfg.paths.runs, f"dt={day}", "gate_register.json")))
+    promote = json.loads(st.read_text(storage.join(cfg.paths.runs, f"dt={day}", "promote.json")))
+    print("gate:", {k: gate.get(k) for k in ("passed", "version")}, "promote:", promote)
+    from onerec_prod.registry.registry import champion
+
+    champ = champion(cfg)
+    assert champ is not None and str(champ[0]) == str(promote["version"])
+    from onerec_prod.serving.precompute import export_root, latest_export
+
+    found = latest_export(export_root(cfg), model_version=str(champ[0]))
+    assert found is not None and str(found[0]).startswith("s3a://")
+
+    from onerec_prod.serving.service import background_server, create_app
+
+    user = next(iter(__import__("onerec_prod.serving.precompute", fromlist=["read_export"])
+                     .read_export(found[0]).users))
+    with background_server(create_app(cfg, follow_champion=False)) as url, httpx.Client(base_url=url, timeout=60) as c:
+        import time
+
+        for _ in range(600):
+            h = c.get("/healthz")
+            if h.status_code == 200:
+                break
+            time.sleep(1)
+        assert h.status_code == 200, h.text
+        r = c.post("/recommend", json={"user_id": user})
+        assert r.status_code == 200, r.text
+        print("serving answer:", r.json())
+        assert r.json()["path"] == "prefix" and r.json()["items"]
+    assert [f for f in written_locally(var) if not f.startswith("cache/models/")] == []
