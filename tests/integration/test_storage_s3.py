@@ -216,7 +216,8 @@ def test_whole_day_on_the_object_store(s3, make_cfg, beauty_slice, tmp_path):
             "eval.max_users=10", "eval.bertscore_items=2", "eval.sasrec_epochs=1", "serving.active_days=0"]
     var = tmp_path / "var"
     cfg = make_cfg(*over, root=var)
-    replay(cfg, day, 1, dataset=beauty_slice, bootstrap_before="2014-03-01")
+    # 02-24..28 land as one bootstrap partition dated 2014-02-28 (the first model comes from scratch)
+    replay(cfg, "2014-03-01", 1, dataset=beauty_slice, bootstrap_before="2014-03-01")
     sets = [a for o in [f"paths.var_root={var}", f"paths.dataset_dir={beauty_slice}", *over] for a in ("--set", o)]
     res = subprocess.run([sys.executable, "-m", "onerec_prod.cli", "--config", "configs/test.yaml", *sets,
                           "run-day", "--date", day], env={**os.environ, **s3.env()}, capture_output=True,
