@@ -4,8 +4,15 @@ landing -> update_catalog -> ingest_events -> build_sequences -> build_eval_snap
   -> choose_training_path -> {bootstrap_alignment | incremental_sft} -> rl_refresh -> evaluate
   -> gate_register -> promote -> precompute
 
-Each task calls one function (``onerec_prod.pipeline.run_stage``) with the logical date; the
-heavy libraries (torch, pyspark, transformers) are imported only inside task bodies. Training
+Two runtimes, one file (``cluster.runtime``). ``local``: each task calls one function
+(``onerec_prod.pipeline.run_stage``) with the logical date in its own task process; the heavy
+libraries (torch, pyspark, transformers) are imported only inside task bodies. ``cluster``: the
+same tasks become Kubernetes work rendered from the config by ``onerec_prod.k8s`` with Airflow's
+cncf-kubernetes provider: Spark stages are SparkApplications (``SparkKubernetesOperator``),
+training and the RL refresh Kubeflow PyTorchJobs created and awaited (``PyTorchJobOperator``, a
+``KubernetesCreateResourceOperator`` that waits for the job's final condition), evaluate / gate /
+promote / precompute pods (``KubernetesPodOperator``); the landing sensor and the branch stay
+in-process (they only read the object store and the registry). Training
 tasks take slots of the GPU pool; day D waits for day D-1 (``depends_on_past`` and one active
 run), because day D continues day D-1's model. Backfill: ``onerec-prod airflow backfill`` (Airflow's
 own ``backfill create``); whether a backfilled day may move the champion is
@@ -43,6 +50,7 @@ from onerec_prod.notify import PipelineNotifier, alerts_path_for
 CFG_PATH = os.environ.get("ONEREC_CONFIG")  # set by the deployment; None = configs/local.yaml
 CFG = load_config(CFG_PATH)
 AF = CFG.airflow
+CLUSTER = CFG.cluster.runtime == "cluster"
 NOTIFY = {"alerts_path": alerts_path_for(CFG.paths.var), "webhook_url": AF.notify_webhook_url,
           "timeout_s": AF.notify_timeout_s}
 
@@ -93,6 +101,90 @@ def _force() -> bool:
     return bool(get_current_context()["params"].get("force"))
 
 
+def _k8s_operators():
+    """The provider's operators (imported only in cluster mode: local runs need no provider)."""
+    import yaml
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.providers.cncf.kubernetes.operators.resource import KubernetesCreateResourceOperator
+    from airflow.providers.cncf.kubernetes.operators.spark_kubernetes import SparkKubernetesOperator
+
+    class PyTorchJobOperator(KubernetesCreateResourceOperator):
+        """Create a Kubeflow PyTorchJob and wait for its final condition (Succeeded, else fail)."""
+
+        def __init__(self, *, job: dict, poll_interval_s: float = 60.0, skip_param: str | None = None, **kwargs):
+            super().__init__(yaml_conf=yaml.safe_dump(job, sort_keys=False), custom_resource_definition=True,
+                             namespace=job["metadata"]["namespace"], **kwargs)
+            self.job = job
+            self.poll_interval_s = poll_interval_s
+            self.skip_param = skip_param
+
+        def execute(self, context):
+            from airflow.sdk.exceptions import AirflowException, AirflowSkipException
+            from kubernetes.client.exceptions import ApiException
+
+            from onerec_prod.k8s import pytorchjob_state
+
+            if self.skip_param and context["params"].get(self.skip_param):
+                raise AirflowSkipException(f"params.{self.skip_param}: the SFT candidate goes to evaluation")
+            try:
+                super().execute(context)  # creates the (templated) job
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+                self.log.info("PyTorchJob exists already (a retry): waiting for it")
+            body = yaml.safe_load(self.yaml_conf)
+            hook = KubernetesHook(conn_id=self.kubernetes_conn_id)
+            while True:
+                obj = hook.get_custom_object(group="kubeflow.org", version="v1", plural="pytorchjobs",
+                                             name=body["metadata"]["name"], namespace=body["metadata"]["namespace"])
+                state = pytorchjob_state(obj)
+                self.log.info("PyTorchJob %s: %s", body["metadata"]["name"], state)
+                if state == "Succeeded":
+                    return {"job": body["metadata"]["name"], "state": state}
+                if state == "Failed":
+                    raise AirflowException(f"PyTorchJob {body['metadata']['name']} failed: {obj.get('status')}")
+                time.sleep(self.poll_interval_s)
+
+    return SparkKubernetesOperator, KubernetesPodOperator, PyTorchJobOperator
+
+
+def spark_task(stage: str, **kw):
+    """Spark stage: in-process (local) or a SparkApplication (cluster)."""
+    if not CLUSTER:
+        def run_spark_stage():
+            return _run(stage)
+
+        return task(**timeout(stage), **kw)(run_spark_stage)()
+    import yaml
+
+    from onerec_prod.k8s import spark_application
+
+    spark_op, _, _ = _k8s_operators()
+    return spark_op(application_file=yaml.safe_dump(spark_application(CFG, stage), sort_keys=False),
+                    namespace=CFG.cluster.namespace, kubernetes_conn_id=CFG.cluster.kubernetes_conn_id,
+                    get_logs=True, delete_on_termination=True, random_name_suffix=False, **timeout(stage), **kw)
+
+
+def pod_task(task_id: str, **kw):
+    """Evaluate / gate / promote / precompute as a pod (cluster); None in local mode."""
+    from onerec_prod.k8s import stage_pod
+
+    _, pod_op, _ = _k8s_operators()
+    return pod_op(pod_template_dict=stage_pod(CFG, task_id), namespace=CFG.cluster.namespace,
+                  kubernetes_conn_id=CFG.cluster.kubernetes_conn_id, get_logs=True,
+                  on_finish_action="delete_pod", **timeout(task_id), **kw)
+
+
+def training_job(task_id: str, step: str, **kw):
+    """SFT or RL refresh as a Kubeflow PyTorchJob, created and awaited (cluster)."""
+    from onerec_prod.k8s import pytorchjob
+
+    _, _, job_op = _k8s_operators()
+    return job_op(job=pytorchjob(CFG, step), kubernetes_conn_id=CFG.cluster.kubernetes_conn_id,
+                  poll_interval_s=AF.sensor_poke_interval_s, **timeout(task_id), **kw)
+
+
 @dag(
     dag_id="onerec_daily",
     schedule="@daily",
@@ -127,32 +219,14 @@ def onerec_daily():
         ds = get_current_context()["ds"]
         missing = landing_missing(load_config(CFG_PATH), ds)
         if missing:  # in the task log: what a timed-out sensor was waiting for
-            print(f"landing dt={ds}: no *.jsonl yet in {', '.join(missing)}")
+            print(f"landing dt={ds}: not complete yet: {'; '.join(missing)}")
         return not missing
 
     # groups mirror the stages; prefix_group_id=False keeps the task ids (history, CLI, branch)
     with TaskGroup("data", prefix_group_id=False, tooltip="Spark + Delta: catalog, events, sequences, samples"):
-        @task(**timeout("update_catalog"))
-        def update_catalog():
-            return _run("update_catalog")
-
-        @task(**timeout("ingest_events"))
-        def ingest_events():
-            return _run("ingest_events")
-
-        @task(depends_on_past=True, **timeout("build_sequences"))
-        def build_sequences():
-            return _run("build_sequences")
-
-        @task(**timeout("build_eval_snapshot"))
-        def build_eval_snapshot():
-            return _run("build_eval_snapshot")
-
-        @task(**timeout("build_samples"))
-        def build_samples():
-            return _run("build_samples")
-
-        data = [update_catalog(), ingest_events(), build_sequences(), build_eval_snapshot(), build_samples()]
+        data = [spark_task("update_catalog"), spark_task("ingest_events"),
+                spark_task("build_sequences", depends_on_past=True), spark_task("build_eval_snapshot"),
+                spark_task("build_samples")]
 
     with TaskGroup("training", prefix_group_id=False, tooltip="SFT (bootstrap or incremental), then GRPO"):
         @task.branch(**timeout("choose_training_path"))
@@ -162,50 +236,64 @@ def onerec_daily():
             path = choose(load_config(CFG_PATH))
             return "bootstrap_alignment" if path == "bootstrap" else "incremental_sft"
 
-        @task(**TRAIN_TASK, **timeout("bootstrap_alignment"))
-        def bootstrap_alignment():
-            return _run("train", path="bootstrap", force=_force())
+        if CLUSTER:
+            boot = training_job("bootstrap_alignment", "train", **TRAIN_TASK)
+            incr = training_job("incremental_sft", "train", **TRAIN_TASK)
+            rl = training_job("rl_refresh", "rl", trigger_rule="none_failed_min_one_success", skip_param="skip_rl",
+                              **TRAIN_TASK)
+        else:
+            @task(**TRAIN_TASK, **timeout("bootstrap_alignment"))
+            def bootstrap_alignment():
+                return _run("train", path="bootstrap", force=_force())
 
-        @task(**TRAIN_TASK, **timeout("incremental_sft"))
-        def incremental_sft():
-            return _run("train", path="incremental", force=_force())
+            @task(**TRAIN_TASK, **timeout("incremental_sft"))
+            def incremental_sft():
+                return _run("train", path="incremental", force=_force())
 
-        @task(trigger_rule="none_failed_min_one_success", **TRAIN_TASK, **timeout("rl_refresh"))
-        def rl_refresh():
-            from airflow.sdk.exceptions import AirflowSkipException
+            @task(trigger_rule="none_failed_min_one_success", **TRAIN_TASK, **timeout("rl_refresh"))
+            def rl_refresh():
+                from airflow.sdk.exceptions import AirflowSkipException
 
-            if get_current_context()["params"].get("skip_rl"):
-                raise AirflowSkipException("params.skip_rl: the SFT candidate goes to evaluation")
-            return _run("rl_refresh", force=_force())
+                if get_current_context()["params"].get("skip_rl"):
+                    raise AirflowSkipException("params.skip_rl: the SFT candidate goes to evaluation")
+                return _run("rl_refresh", force=_force())
+
+            boot, incr, rl = bootstrap_alignment(), incremental_sft(), rl_refresh()
 
         branch = choose_training_path()
-        rl = rl_refresh()
-        branch >> [bootstrap_alignment(), incremental_sft()] >> rl
+        branch >> [boot, incr] >> rl
 
     with TaskGroup("release", prefix_group_id=False, tooltip="Evaluate, gate + register, promote"):
         # none_failed: runs after a skipped RL refresh (params.skip_rl), not after a failed one
-        @task(pool=AF.gpu_pool, pool_slots=1, trigger_rule="none_failed", **timeout("evaluate"))
-        def evaluate():
-            return _run("evaluate")
+        if CLUSTER:
+            ev = pod_task("evaluate", pool=AF.gpu_pool, pool_slots=1, trigger_rule="none_failed")
+            gate = pod_task("gate_register", retries=0)
+            prom = pod_task("promote", retries=0)
+        else:
+            @task(pool=AF.gpu_pool, pool_slots=1, trigger_rule="none_failed", **timeout("evaluate"))
+            def evaluate():
+                return _run("evaluate")
 
-        @task(retries=0, **timeout("gate_register"))
-        def gate_register():
-            return _run("gate_register")
+            @task(retries=0, **timeout("gate_register"))
+            def gate_register():
+                return _run("gate_register")
 
-        @task(retries=0, **timeout("promote"))
-        def promote():
-            return _run("promote")
+            @task(retries=0, **timeout("promote"))
+            def promote():
+                return _run("promote")
 
-        ev = evaluate()
-        prom = promote()
-        ev >> gate_register() >> prom
+            ev, gate, prom = evaluate(), gate_register(), promote()
+        ev >> gate >> prom
 
     with TaskGroup("serving", prefix_group_id=False, tooltip="Think-Ahead precompute for the active users"):
-        @task(pool=AF.gpu_pool, pool_slots=1, **timeout("precompute"))
-        def precompute():
-            return _run("precompute")
+        if CLUSTER:
+            pre = pod_task("precompute", pool=AF.gpu_pool, pool_slots=1)
+        else:
+            @task(pool=AF.gpu_pool, pool_slots=1, **timeout("precompute"))
+            def precompute():
+                return _run("precompute")
 
-        pre = precompute()
+            pre = precompute()
 
     landing() >> data[0]
     for a, b in zip(data, data[1:]):

@@ -45,6 +45,8 @@ class PathsCfg(_Group):
     raw_root: str = Field("raw", description="Landing zone: raw/events/dt=D, raw/items/dt=D.")
     models_root: str = Field("models", description="Checkpoints and exported model dirs.")
     artifacts_root: str = Field("artifacts", description="SID codebooks, reports, exports.")
+    runs_root: str = Field(
+        "runs", description="Run records (<runs>/dt=D/<stage>.json, the eval report); local dir or s3a:// URI.")
     dataset_dir: str = Field(
         "../shared/data/beauty", description="Source dataset for `onerec-prod replay`."
     )
@@ -83,9 +85,38 @@ class PathsCfg(_Group):
         return self.resolve(self.artifacts_root)
 
     @property
+    def runs(self) -> str:
+        return self.resolve(self.runs_root)
+
+    def object_store_roots(self) -> dict[str, str]:
+        """The roots that are on an object store (``{"lake_root": "s3a://..."}``)."""
+        return {k: v for k, v in self.model_dump().items()
+                if k.endswith("_root") and "://" in v and not v.startswith("file://")}
+
+    @property
     def dataset(self) -> Path:
         p = Path(self.dataset_dir)
         return p if p.is_absolute() else (REPO_ROOT / p).resolve()
+
+
+class StorageCfg(_Group):
+    """Object-store access (onerec_prod.storage): s3fs on the Python side, Hadoop s3a for Spark.
+
+    Credentials are not config: both read ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``.
+    """
+
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (None = the provider's default for s3_region).")
+    s3_region: str = Field("us-east-1", description="Region of the buckets.")
+    s3_path_style: bool = Field(
+        False, description="Path-style addressing (http://host/bucket/key), needed by most S3-compatible servers.")
+    hadoop_aws_version: str = Field(
+        "3.5.0", description="org.apache.hadoop:hadoop-aws for Spark; must equal Spark's bundled Hadoop.")
+    delta_log_store: Literal["s3_single_driver", "s3_dynamodb"] = Field(
+        "s3_single_driver", description="Delta log store on S3: one writing driver per table at a time "
+        "(the DAG's case), or DynamoDB-coordinated commits for concurrent writers.")
+    delta_storage_version: str = Field("4.4.0", description="io.delta:delta-storage-s3-dynamodb version.")
+    dynamodb_table: str = Field("delta_log", description="DynamoDB table of the s3_dynamodb log store.")
 
 
 class SparkCfg(_Group):
@@ -503,16 +534,61 @@ class AirflowCfg(_Group):
         return self
 
 
-class ClusterCfg(_Group):
-    """Cluster runtime (used by infra/ rendering and the launcher)."""
+class PodResources(_Group):
+    """Requests/limits of one Kubernetes pod (limits = requests for memory and GPUs)."""
 
-    enabled: bool = Field(False, description="True in configs/cluster.yaml.")
-    image: str = Field("onerec-prod:latest", description="Container image of every job.")
+    cpu: str = Field("2", description="CPU request.")
+    memory: str = Field("8Gi", description="Memory request and limit.")
+    gpus: int = Field(0, ge=0, description="nvidia.com/gpu request and limit.")
+
+
+class ClusterCfg(_Group):
+    """Kubernetes runtime: the DAG's operators (runtime=cluster), the training PyTorchJob, images.
+
+    ``runtime: local`` runs every stage inside its Airflow task process; ``runtime: cluster`` makes
+    the same DAG file submit Kubernetes work (dags/onerec_daily.py). Training nodes x GPUs are
+    ``train.nnodes`` x ``train.nproc``; multi-node ranks meet by c10d rendezvous at
+    ``master_addr:master_port`` (onerec_prod.train.launcher).
+    """
+
+    runtime: Literal["local", "cluster"] = Field(
+        "local", description="local: stages run in the Airflow task process; cluster: Kubernetes operators.")
+    image: str = Field("onerec-prod:latest", description="Image of Spark, training and batch pods.")
+    serving_image: str | None = Field(
+        None, description="Image of GPU inference pods (evaluate, precompute); None = <image name>-serving:<tag>.")
     namespace: str = Field("onerec", description="Kubernetes namespace.")
-    gpus_per_node: int = Field(8, ge=1, description="GPUs per training node.")
-    training_nodes: int = Field(10, ge=1, description="Training nodes.")
-    master_addr: str = Field("localhost", description="Rendezvous host of multi-node training.")
-    master_port: int = Field(29500, description="Rendezvous port.")
+    kubernetes_conn_id: str = Field("kubernetes_default", description="Airflow connection of the cluster.")
+    config_path: str = Field(
+        "configs/cluster.yaml", description="The config inside the images (mounted from the onerec-config ConfigMap).")
+    config_map: str = Field("onerec-config", description="ConfigMap holding cluster.yaml.")
+    service_account: str = Field("onerec-runner", description="Service account of the pods.")
+    spark_service_account: str = Field("onerec-spark", description="Service account of Spark drivers.")
+    secrets: list[str] = Field(
+        default_factory=lambda: ["onerec-object-store"],
+        description="Secrets mounted as environment (envFrom) in every pod: object-store keys etc.")
+    gpus_per_node: int = Field(8, ge=1, description="GPUs per training node (= train.nproc in the cluster).")
+    training_nodes: int = Field(10, ge=1, description="Training nodes (= train.nnodes in the cluster).")
+    master_addr: str = Field(
+        "localhost", description="c10d rendezvous host of multi-node training (the PyTorchJob sets its Master pod).")
+    master_port: int = Field(29500, ge=1, le=65535, description="c10d rendezvous port.")
+    train_cpu: str = Field("96", description="CPU request of a training pod.")
+    train_memory: str = Field("1200Gi", description="Memory of a training pod.")
+    train_node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of training pods.")
+    train_env: dict[str, str] = Field(default_factory=dict, description="Extra env of training pods (NCCL_*).")
+    volume_mounts: dict[str, str] = Field(
+        default_factory=lambda: {"onerec-shared": "/mnt/shared"},
+        description="PersistentVolumeClaim name -> mount path, in training and batch pods.")
+    pod_resources: dict[str, PodResources] = Field(
+        default_factory=dict, description="Per DAG task id: resources of its pod (default: PodResources()).")
+    @property
+    def inference_image(self) -> str:
+        if self.serving_image:
+            return self.serving_image
+        name, _, tag = self.image.rpartition(":")
+        return f"{name}-serving:{tag}" if name else f"{self.image}-serving"
+
+    def resources(self, task_id: str) -> PodResources:
+        return self.pod_resources.get(task_id, PodResources())
 
 
 class Config(_Group):
@@ -520,6 +596,7 @@ class Config(_Group):
 
     env: Literal["local", "cluster", "test"] = Field("local", description="Runtime name.")
     paths: PathsCfg = Field(default_factory=PathsCfg)
+    storage: StorageCfg = Field(default_factory=StorageCfg)
     spark: SparkCfg = Field(default_factory=SparkCfg)
     data: DataCfg = Field(default_factory=DataCfg)
     sid: SidCfg = Field(default_factory=SidCfg)
@@ -533,6 +610,34 @@ class Config(_Group):
     serving: ServingCfg = Field(default_factory=ServingCfg)
     airflow: AirflowCfg = Field(default_factory=AirflowCfg)
     cluster: ClusterCfg = Field(default_factory=ClusterCfg)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spark_reaches_object_stores(cls, data: Any) -> Any:
+        """With a root on an object store, Spark gets the s3a connector's settings from ``storage``.
+
+        The keys given in ``spark.extra_conf`` win; ``spark.jars.packages`` lists are joined.
+        Local roots add nothing (no jar to resolve).
+        """
+        if not isinstance(data, dict):
+            return data
+        try:
+            paths = PathsCfg.model_validate(data.get("paths") or {})
+            store = StorageCfg.model_validate(data.get("storage") or {})
+        except ValidationError:
+            return data  # the main validation reports it
+        if not paths.object_store_roots():
+            return data
+        from onerec_prod.storage import spark_s3a_conf
+
+        spark = dict(data.get("spark") or {})
+        given = dict(spark.get("extra_conf") or {})
+        merged = {**spark_s3a_conf(store), **given}
+        if "spark.jars.packages" in given:
+            pk = spark_s3a_conf(store)["spark.jars.packages"].split(",") + given["spark.jars.packages"].split(",")
+            merged["spark.jars.packages"] = ",".join(dict.fromkeys(p.strip() for p in pk if p.strip()))
+        spark["extra_conf"] = merged
+        return {**data, "spark": spark}
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -571,6 +676,15 @@ class Config(_Group):
             )
         if self.train.zero_stage and self.train.nproc * self.train.nnodes < 1:
             problems.append("train.nproc: DeepSpeed needs at least one process")
+        if self.cluster.runtime == "cluster" and (self.train.nnodes, self.train.nproc) != (
+                self.cluster.training_nodes, self.cluster.gpus_per_node):
+            problems.append(
+                f"train.nnodes x train.nproc = {self.train.nnodes} x {self.train.nproc} must equal "
+                f"cluster.training_nodes x cluster.gpus_per_node = {self.cluster.training_nodes} x "
+                f"{self.cluster.gpus_per_node} (one rank per GPU of every training pod)")
+        unknown = sorted(set(self.cluster.pod_resources) - set(DAG_TASK_IDS))
+        if unknown:
+            problems.append(f"cluster.pod_resources: unknown task id(s) {unknown}")
         if problems:
             raise ValueError("; ".join(problems))
         return self

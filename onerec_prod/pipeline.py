@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from onerec_prod import storage
 from onerec_prod.config import Config, load_config
 from onerec_prod.spark_server import SPARK_STAGES  # the Spark jobs, in DAG order
 
@@ -45,24 +46,23 @@ class StageError(RuntimeError):
 # run records
 
 
-def runs_dir(cfg: Config, dt: str) -> Path:
-    return cfg.paths.var / "runs" / f"dt={dt}"
+def runs_dir(cfg: Config, dt: str) -> Path | str:
+    """``<paths.runs>/dt=D``: a local Path, or a URI when ``paths.runs_root`` is on an object store."""
+    return storage.child(cfg.paths.runs, f"dt={dt}")
 
 
-def write_record(cfg: Config, dt: str, stage: str, data: dict[str, Any]) -> Path:
+def write_record(cfg: Config, dt: str, stage: str, data: dict[str, Any]) -> Path | str:
     """Atomically write the stage's JSON summary (replaces the previous one on rerun)."""
-    d = runs_dir(cfg, dt)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{stage}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    path = storage.child(runs_dir(cfg, dt), f"{stage}.json")
+    storage.storage(cfg).write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str))
     return path
 
 
 def read_record(cfg: Config, dt: str, stage: str) -> dict[str, Any] | None:
-    path = runs_dir(cfg, dt) / f"{stage}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    try:
+        return json.loads(storage.storage(cfg).read_text(storage.child(runs_dir(cfg, dt), f"{stage}.json")))
+    except FileNotFoundError:
+        return None
 
 
 # --------------------------------------------------------------------------------------
@@ -80,14 +80,14 @@ def final_candidate(cfg: Config, dt: str) -> Path:
 
 
 def landing_missing(cfg: Config, dt: str) -> list[str]:
-    """Day D's landing partitions that hold no JSONL file yet ([] = the day has landed)."""
-    raw = Path(cfg.paths.raw)
-    parts = [raw / kind / f"dt={dt}" for kind in ("events", "items")]
-    return [str(p) for p in parts if not any(p.glob("*.jsonl"))]
+    """Day D's landing partitions without a valid completeness marker, with why ([] = landed)."""
+    from onerec_prod.replay import landing_missing as missing
+
+    return missing(cfg, dt)
 
 
 def landing_ready(cfg: Config, dt: str) -> bool:
-    """True when both landing partitions of day D hold at least one JSONL file."""
+    """True when both landing partitions of day D carry their ``_SUCCESS`` marker (written last)."""
     return not landing_missing(cfg, dt)
 
 
@@ -96,13 +96,15 @@ def landing_ready(cfg: Config, dt: str) -> bool:
 
 
 def stage_landing(cfg: Config, dt: str, **_: Any) -> dict[str, Any]:
-    if not landing_ready(cfg, dt):
+    missing = landing_missing(cfg, dt)
+    if missing:
         raise StageError(
-            f"no landing data for dt={dt} under {cfg.paths.raw}/{{events,items}}/dt={dt}/ "
-            f"(run `onerec-prod replay --start {dt} --days 1` or wait for the log system)"
+            f"no landing data for dt={dt} (complete, with its _SUCCESS marker) under {cfg.paths.raw}/{{events,items}}/dt={dt}/ "
+            f"({'; '.join(missing)}); run `onerec-prod replay --start {dt} --days 1` or wait for the log system"
         )
-    raw = Path(cfg.paths.raw)
-    files = sorted(str(p) for kind in ("events", "items") for p in (raw / kind / f"dt={dt}").glob("*.jsonl"))
+    st = storage.storage(cfg)
+    files = [n for kind in ("events", "items")
+             for n in st.listdir(storage.join(cfg.paths.raw, kind, f"dt={dt}")) if n.endswith(".jsonl")]
     return {"files": len(files)}
 
 

@@ -40,13 +40,15 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from onerec_prod.datasets import Dataset, _atomic_write, load_dataset, resolve_dataset
+from onerec_prod import storage
+from onerec_prod.datasets import Dataset, load_dataset, resolve_dataset
 
 log = logging.getLogger(__name__)
 
 DAY_S = 86_400
 EPOCH = date(1970, 1, 1)
 PART_FILE = "part-0000.jsonl"
+MARKER_FILE = "_SUCCESS"  # completeness marker, written last (JSON: files with line counts and sizes)
 FAULTS_FILE = "_faults.json"
 
 # kind -> quarantine reason ("{col}" is filled per injected line)
@@ -268,16 +270,66 @@ def inject_item_faults(lines: list[str], dt: str, spec: FaultSpec) -> tuple[list
 # writing
 
 
-def write_partition(part_dir: Path, lines: list[str], manifest: dict | None) -> None:
-    """Atomically (re)write ``part-0000.jsonl`` (+ ``_faults.json``); remove stale files of a rerun."""
-    _atomic_write(part_dir / PART_FILE, "".join(line + "\n" for line in lines))
+def write_partition(part_dir: str | Path, lines: list[str], manifest: dict | None, store=None) -> None:
+    """(Re)write ``part-0000.jsonl`` (+ ``_faults.json``), remove stale files of a rerun, and write
+    the completeness marker ``_SUCCESS`` LAST.
+
+    The marker goes first on a rerun (removed) and last on the way out (written), so a reader that
+    sees it sees the whole partition: it lists every data file with its line count and size, which
+    the landing sensor checks (:func:`landing_missing`). Any filesystem (``onerec_prod.storage``).
+    """
+    st = store or storage.for_location(part_dir)
+    st.rm(storage.child(part_dir, MARKER_FILE))
+    data = "".join(line + "\n" for line in lines).encode()
+    st.write_bytes(storage.child(part_dir, PART_FILE), data)
     keep = {PART_FILE}
     if manifest is not None:
-        _atomic_write(part_dir / FAULTS_FILE, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        st.write_text(storage.child(part_dir, FAULTS_FILE), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         keep.add(FAULTS_FILE)
-    for p in part_dir.iterdir():
-        if p.name not in keep and p.is_file() and not p.name.startswith(f".{PART_FILE}."):
-            p.unlink()
+    for name in st.listdir(part_dir):
+        if name not in keep and not name.startswith(f".{PART_FILE}.") and not st.isdir(storage.child(part_dir, name)):
+            st.rm(storage.child(part_dir, name))
+    marker = {"files": {PART_FILE: {"lines": len(lines), "bytes": len(data),
+                                    "sha256": hashlib.sha256(data).hexdigest()}},
+              "lines": len(lines), "producer": "onerec-prod replay"}
+    st.write_text(storage.child(part_dir, MARKER_FILE), json.dumps(marker, indent=1, sort_keys=True) + "\n")
+
+
+def partition_incomplete(part_dir: str | Path, store=None) -> str | None:
+    """Why landing partition ``part_dir`` is not complete yet (None: it is).
+
+    Complete = a ``_SUCCESS`` marker whose listed files all exist with the listed sizes (the
+    producer writes the marker last, after every data file).
+    """
+    st = store or storage.for_location(part_dir)
+    mpath = storage.child(part_dir, MARKER_FILE)
+    try:
+        marker = json.loads(st.read_text(mpath))
+    except FileNotFoundError:
+        return f"no {MARKER_FILE} marker yet in {part_dir}"
+    except json.JSONDecodeError as e:
+        return f"{mpath} is not a valid marker ({e})"
+    for name, meta in (marker.get("files") or {}).items():
+        fpath = storage.child(part_dir, name)
+        fs, p = st.fs(fpath)
+        try:
+            size = int(fs.size(p))
+        except FileNotFoundError:
+            return f"{fpath} listed in {MARKER_FILE} is absent"
+        if "bytes" in meta and size != int(meta["bytes"]):
+            return f"{fpath} has {size} bytes, {MARKER_FILE} says {meta['bytes']}"
+    return None
+
+
+def landing_missing(cfg, dt: str) -> list[str]:
+    """Day D's landing partitions (events, items) that are not complete yet, each with the reason."""
+    st = storage.storage(cfg)
+    out = []
+    for kind in ("events", "items"):
+        why = partition_incomplete(storage.join(cfg.paths.raw, kind, f"dt={dt}"), st)
+        if why is not None:
+            out.append(why)
+    return out
 
 
 _DEFAULT = object()
@@ -312,9 +364,8 @@ def replay(cfg, start: str | None = None, days: int | None = None, *, dataset: s
     if boot_d is not None and boot_d > start_d:
         raise ReplayError(f"--bootstrap-before {boot_d} is after --start {start_d}: the bootstrap "
                           "partition would overlap replayed days (use a date <= --start, or none)")
-    raw_root = Path(out or cfg.paths.raw)
-    if "://" in str(raw_root):
-        raise ReplayError(f"--out {raw_root}: replay writes a local landing zone only")
+    st = storage.storage(cfg)
+    raw_root = str(out or cfg.paths.raw)
     ds_dir = resolve_dataset(dataset or cfg.paths.dataset, cfg.paths.var)
     ds = load_dataset(ds_dir)
     note = None
@@ -363,8 +414,8 @@ def replay(cfg, start: str | None = None, days: int | None = None, *, dataset: s
                            "good_lines": len(item_lines) - len(it_faults), "faults": it_faults}
         else:
             ev_lines = [_dump(r) for r in records]
-        write_partition(raw_root / "events" / f"dt={dt}", ev_lines, ev_manifest)
-        write_partition(raw_root / "items" / f"dt={dt}", item_lines, it_manifest)
+        write_partition(storage.child(raw_root, "events", f"dt={dt}"), ev_lines, ev_manifest, st)
+        write_partition(storage.child(raw_root, "items", f"dt={dt}"), item_lines, it_manifest, st)
         n_ev_faults = len(ev_manifest["faults"]) if ev_manifest else 0
         n_it_faults = len(it_manifest["faults"]) if it_manifest else 0
         row = {"dt": dt, "kind": kind, "events": len(records), "items": len(item_lines) - n_it_faults,

@@ -1,7 +1,9 @@
 """Spark session with Delta Lake, tuned for the runtime in the config.
 
 Delta's jars are resolved by Spark's own package mechanism (``spark.jars.packages`` set
-by ``configure_spark_with_delta_pip``) and cached by Ivy after the first run;
+by ``configure_spark_with_delta_pip``, plus hadoop-aws when a root is on ``s3a://``: the config
+adds the connector's settings, see :func:`onerec_prod.storage.spark_s3a_conf`) and cached by Ivy
+after the first run;
 ``python -m onerec_prod.spark --warm`` does that once at set-up so tests never race on it.
 """
 
@@ -47,8 +49,12 @@ def get_spark(cfg: SparkCfg | None = None):
     if cfg.master.startswith("local"):
         builder = builder.config("spark.driver.memory", cfg.driver_memory)
     for k, v in cfg.extra_conf.items():
-        builder = builder.config(k, v)
-    spark = configure_spark_with_delta_pip(builder).getOrCreate()
+        if k != "spark.jars.packages":
+            builder = builder.config(k, v)
+    # configure_spark_with_delta_pip sets spark.jars.packages itself (Delta's jars): ours (hadoop-aws
+    # for s3a:// roots, from onerec_prod.storage.spark_s3a_conf) must go through it, not around it
+    extra = [p.strip() for p in cfg.extra_conf.get("spark.jars.packages", "").split(",") if p.strip()]
+    spark = configure_spark_with_delta_pip(builder, extra_packages=extra or None).getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     log.info("spark session up: master=%s delta=%s", cfg.master, spark.version)
     return spark

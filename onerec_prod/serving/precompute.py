@@ -30,14 +30,13 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import os
 import re
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from onerec_prod import storage
 from onerec_prod.config import Config
 
 log = logging.getLogger(__name__)
@@ -65,7 +64,7 @@ class UserPrefixes:
 class Export:
     """A loaded export: the manifest, users by id and the catalog items (with SIDs)."""
 
-    path: Path
+    path: str | Path
     manifest: dict[str, Any]
     users: dict[str, UserPrefixes]
     items: list[dict[str, Any]]
@@ -251,25 +250,10 @@ def engine_rationales(backend, tokenizer, open_ids: Sequence[Sequence[int]], max
 # the export
 
 
-def export_root(cfg: Config) -> Path:
-    """``<paths.artifacts>/think_ahead`` (a local path: the service reads it from disk)."""
-    art = cfg.paths.artifacts
-    if "://" in art:
-        raise ValueError(f"paths.artifacts_root={art!r}: the Think-Ahead export needs a local path")
-    return Path(art) / "think_ahead"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def export_root(cfg: Config) -> str | Path:
+    """``<paths.artifacts>/think_ahead``: a local path or an object-store URI (onerec_prod.storage)."""
+    storage.storage(cfg)  # the service and list/read helpers reach the same endpoint
+    return storage.child(cfg.paths.artifacts, "think_ahead")
 
 
 def _jsonl(rows: Iterable[dict]) -> bytes:
@@ -277,7 +261,7 @@ def _jsonl(rows: Iterable[dict]) -> bytes:
 
 
 def write_export(
-    root: Path,
+    root: str | Path,
     *,
     model_version: str,
     dt: str,
@@ -285,10 +269,15 @@ def write_export(
     rows: Sequence[UserPrefixes],
     items: Sequence[dict[str, Any]],
     settings: dict[str, Any],
-) -> Path:
-    """Write the export of ``(model_version, dt)`` under ``root``; returns its directory."""
-    out = root / check_model_version(model_version) / f"dt={check_dt(dt)}"
-    out.mkdir(parents=True, exist_ok=True)
+) -> str | Path:
+    """Write the export of ``(model_version, dt)`` under ``root``; returns its directory.
+
+    Data files are content-addressed and written first; the manifest (atomic, written last) is
+    what commits the export, on a local disk and on an object store alike.
+    """
+    st = storage.for_location(root)
+    out = storage.child(root, check_model_version(model_version), f"dt={check_dt(dt)}")
+    st.makedirs(out)
     users_blob = _jsonl({"user_id": r.user_id, "history": list(r.history), "rationale": r.rationale,
                          "prefixes": [list(c) for c, _ in r.prefixes], "scores": [s for _, s in r.prefixes]}
                         for r in rows)
@@ -298,51 +287,53 @@ def write_export(
     for kind, blob in (("users", users_blob), ("catalog", catalog_blob)):
         sha = hashlib.sha256(blob).hexdigest()
         name = f"{kind}-{sha[:16]}.jsonl"
-        if not (out / name).exists():
-            _atomic_write(out / name, blob)
+        if not st.exists(storage.child(out, name)):
+            st.write_bytes(storage.child(out, name), blob)
         files[kind] = {"file": name, "sha256": sha}
     manifest = {
         "format": EXPORT_FORMAT, "model_version": model_version, "dt": dt, "sid_version": sid_version,
         "files": files, "counts": {"users": len(rows), "items": len(items)},
         "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), **settings,
     }
-    _atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    st.write_bytes(storage.child(out, MANIFEST), (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     keep = {f["file"] for f in files.values()} | {MANIFEST}
-    for p in out.iterdir():  # data files of an earlier run of the same (version, dt)
-        if p.is_file() and p.name not in keep and not p.name.startswith("."):
-            p.unlink(missing_ok=True)
+    for name in st.listdir(out):  # data files of an earlier run of the same (version, dt)
+        if name not in keep and not name.startswith(".") and not st.isdir(storage.child(out, name)):
+            st.rm(storage.child(out, name))
     log.info("think_ahead export: %s (%d users, %d items)", out, len(rows), len(items))
     return out
 
 
-def _manifest(d: Path) -> dict[str, Any] | None:
+def _manifest(d: str | Path) -> dict[str, Any] | None:
     try:
-        m = json.loads((d / MANIFEST).read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        m = json.loads(storage.for_location(d).read_text(storage.child(d, MANIFEST)))
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, json.JSONDecodeError):
         return None
     return m if m.get("format") == EXPORT_FORMAT else None
 
 
-def list_exports(root: Path, model_version: str | None = None) -> list[tuple[Path, dict[str, Any]]]:
+def list_exports(root: str | Path, model_version: str | None = None) -> list[tuple[str | Path, dict[str, Any]]]:
     """Committed exports (dir, manifest), oldest first by ``(dt, created_at)``."""
-    if not root.is_dir():
+    st = storage.for_location(root)
+    if not st.isdir(root):
         return []
-    vdirs = [root / model_version] if model_version is not None else [p for p in root.iterdir() if p.is_dir()]
+    versions = [model_version] if model_version is not None else st.listdir(root)
     found = []
-    for vdir in vdirs:
-        if not vdir.is_dir():
-            continue
-        for d in vdir.glob("dt=*"):
-            m = _manifest(d)
-            if m is not None:
-                found.append((d, m))
+    for v in versions:
+        vdir = storage.child(root, v)
+        for name in st.listdir(vdir):
+            if name.startswith("dt="):
+                d = storage.child(vdir, name)
+                m = _manifest(d)
+                if m is not None:
+                    found.append((d, m))
     found.sort(key=lambda dm: (dm[1]["dt"], dm[1].get("created_at", ""), str(dm[0])))
     return found
 
 
 def latest_export(
-    root: Path, *, model_version: str | None = None, sid_version: str | None = None
-) -> tuple[Path, dict[str, Any]] | None:
+    root: str | Path, *, model_version: str | None = None, sid_version: str | None = None
+) -> tuple[str | Path, dict[str, Any]] | None:
     """The newest export of ``model_version`` (or of any version with ``sid_version``)."""
     cands = list_exports(root, model_version)
     if sid_version is not None:
@@ -350,19 +341,20 @@ def latest_export(
     return cands[-1] if cands else None
 
 
-def export_id(path: Path, manifest: dict[str, Any]) -> str:
+def export_id(path: str | Path, manifest: dict[str, Any]) -> str:
     """Identity of a committed export (changes whenever a rerun changes its content)."""
     return f"{path}|{manifest['files']['users']['sha256']}|{manifest['files']['catalog']['sha256']}"
 
 
-def read_export(path: Path) -> Export:
+def read_export(path: str | Path) -> Export:
     """Load an export directory (verifies the files against the manifest hashes)."""
     m = _manifest(path)
     if m is None:
         raise FileNotFoundError(f"no committed think_ahead export in {path} (missing or bad {MANIFEST})")
+    st = storage.for_location(path)
     blobs = {}
     for kind in ("users", "catalog"):
-        blob = (path / m["files"][kind]["file"]).read_bytes()
+        blob = st.read_bytes(storage.child(path, m["files"][kind]["file"]))
         if hashlib.sha256(blob).hexdigest() != m["files"][kind]["sha256"]:
             raise ValueError(f"{path}: {kind} file does not match its manifest sha256 (rewritten meanwhile?)")
         blobs[kind] = blob

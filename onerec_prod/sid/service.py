@@ -15,14 +15,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from onerec_prod import storage
 from onerec_prod.config import Config, SidCfg
 from onerec_prod.sid import embed as _embed
-from onerec_prod.sid.codebook import Codebook, assign_sids, fit_codebook, load_codebook_dir, save_codebook
+from onerec_prod.sid.codebook import (
+    MANIFEST_FILE,
+    Codebook,
+    assign_sids,
+    fit_codebook,
+    load_codebook_dir,
+    save_codebook,
+)
 from onerec_prod.sid.report import sid_report
 
 log = logging.getLogger(__name__)
@@ -38,32 +45,57 @@ class SidVersionError(RuntimeError):
     """SIDs of different codebook versions would be mixed (or the codebook does not fit the config)."""
 
 
-def sid_root(cfg: Config) -> Path:
-    """``<paths.artifacts>/sid``: every codebook version plus the CURRENT pointer."""
-    art = cfg.paths.artifacts
-    if "://" in art:
-        raise NotImplementedError(f"paths.artifacts_root={art!r}: SID codebooks need a local or mounted path")
-    return Path(art) / "sid"
+def sid_root(cfg: Config) -> str:
+    """``<paths.artifacts>/sid``: every codebook version plus the CURRENT pointer (path or URI)."""
+    return storage.join(cfg.paths.artifacts, "sid")
 
 
 def current_version(cfg: Config) -> str | None:
     """The sid_version in force (content of ``<artifacts>/sid/CURRENT``), or None before the first fit."""
-    p = sid_root(cfg) / CURRENT_FILE
-    if not p.exists():
+    st = storage.storage(cfg)
+    p = storage.join(sid_root(cfg), CURRENT_FILE)
+    if not st.exists(p):
         return None
-    v = p.read_text().strip()
+    v = st.read_text(p).strip()
     return v or None
 
 
 def set_current(cfg: Config, version: str) -> None:
     """Point CURRENT at ``version`` (atomic replace; the version's directory must exist)."""
     root = sid_root(cfg)
-    load_codebook_dir(root / version)  # refuse to point at a missing or corrupt codebook
-    fd, tmp = tempfile.mkstemp(prefix=".CURRENT-", dir=root)
-    with os.fdopen(fd, "w") as f:
-        f.write(version + "\n")
-    os.replace(tmp, root / CURRENT_FILE)
+    _load_dir(cfg, storage.join(root, version))  # refuse to point at a missing or corrupt codebook
+    storage.storage(cfg).write_text(storage.join(root, CURRENT_FILE), version + "\n")
     log.info("sid CURRENT -> %s", version)
+
+
+def _load_dir(cfg: Config, location: str) -> Codebook:
+    """Load the codebook directory at ``location`` (an object-store one through a local temp copy)."""
+    if not storage.is_remote(location):
+        return load_codebook_dir(location)
+    st = storage.storage(cfg)
+    if not st.exists(storage.join(location, MANIFEST_FILE)):
+        raise FileNotFoundError(f"{location}: no codebook manifest ({MANIFEST_FILE}) there")
+    with tempfile.TemporaryDirectory(prefix="onerec-sid-") as tmp:
+        # the loader checks that the directory is named after the version it holds
+        return load_codebook_dir(st.get_dir(location, Path(tmp) / location.rstrip("/").rsplit("/", 1)[-1]))
+
+
+def _save(cfg: Config, cb: Codebook) -> str:
+    """Write codebook ``cb`` under the SID root; on an object store the manifest goes last, so a
+    version directory with a manifest is complete (the local writer renames a finished temp dir)."""
+    root = sid_root(cfg)
+    if not storage.is_remote(root):
+        return str(save_codebook(cb, root))
+    st = storage.storage(cfg)
+    final = storage.join(root, cb.version)
+    if st.exists(storage.join(final, MANIFEST_FILE)):
+        return final  # versions are content-addressed: an existing one is the same codebook
+    with tempfile.TemporaryDirectory(prefix="onerec-sid-") as tmp:
+        local = Path(save_codebook(cb, tmp))
+        files = sorted(f for f in local.rglob("*") if f.is_file())
+        for f in sorted(files, key=lambda f: f.name == MANIFEST_FILE):
+            st.write_bytes(storage.join(final, *f.relative_to(local).parts), f.read_bytes())
+    return final
 
 
 def load_codebook(cfg: Config, version: str | None = None) -> Codebook:
@@ -71,10 +103,10 @@ def load_codebook(cfg: Config, version: str | None = None) -> Codebook:
     version = version or current_version(cfg)
     if version is None:
         raise FileNotFoundError(
-            f"no SID codebook yet ({sid_root(cfg) / CURRENT_FILE} is absent): the first "
+            f"no SID codebook yet ({storage.join(sid_root(cfg), CURRENT_FILE)} is absent): the first "
             "ensure_sids call on the bootstrap catalog fits one, or run `onerec-prod sid-fit`"
         )
-    return load_codebook_dir(sid_root(cfg) / version)
+    return _load_dir(cfg, storage.join(sid_root(cfg), version))
 
 
 def check_versions(catalog_version: str | None, samples_version: str | None,
@@ -152,9 +184,11 @@ def _model_id(sid_cfg: SidCfg) -> dict:
 
 def _embed_cache(cfg: Config) -> _embed.EmbeddingCache | None:
     """The on-disk embedding cache of the configured encoder (None: ``sid.embed_cache`` is off)."""
-    if not cfg.sid.embed_cache:
+    if not cfg.sid.embed_cache or storage.is_remote(sid_root(cfg)):
+        # the cache is a node-local speed-up; with the artefacts on an object store it is off
+        # (no silent writes to local disk), and vectors are recomputed
         return None
-    return _embed.EmbeddingCache(sid_root(cfg) / "embed_cache", _model_id(cfg.sid)["weights_sha256"])
+    return _embed.EmbeddingCache(Path(sid_root(cfg)) / "embed_cache", _model_id(cfg.sid)["weights_sha256"])
 
 
 def _fit(cfg: Config, rows: list[dict], source: str) -> tuple[dict[str, Sid], Codebook]:
@@ -169,7 +203,7 @@ def _fit(cfg: Config, rows: list[dict], source: str) -> tuple[dict[str, Sid], Co
                       created_from={"source": source, "n_items": len(rows), "items_sha256": h.hexdigest()[:16]})
     sids = assign_sids(cb, emb)
     cb.manifest["fit_report"] = sid_report(sids, cb.sizes)
-    save_codebook(cb, sid_root(cfg))
+    _save(cfg, cb)
     return {r["item_id"]: s for r, s in zip(rows, sids)}, cb
 
 

@@ -113,7 +113,7 @@ def train_stage(cfg: Config, dt: str, stage_name: str, out_dir: Path, work: Path
     from onerec_prod.model.io import keyed_checkpoint_dir, read_meta, weights_hash
     from onerec_prod.sid.tokens import level_sizes
     from onerec_prod.train.data import export_samples, read_manifest
-    from onerec_prod.train.launcher import launch
+    from onerec_prod.train.launcher import launch, rdzv_endpoint
     from onerec_prod.train.stages import load_stage, stage_train_cfg
 
     stage = load_stage(stage_name)
@@ -165,7 +165,8 @@ def train_stage(cfg: Config, dt: str, stage_name: str, out_dir: Path, work: Path
         "force_cpu": not _cuda_available(),
         "fault": fault or {},
     }
-    launch(spec, work / "spec.json", nproc=tcfg.nproc * tcfg.nnodes, zero_stage=tcfg.zero_stage)
+    launch(spec, work / "spec.json", nproc=tcfg.nproc, nnodes=tcfg.nnodes, zero_stage=tcfg.zero_stage,
+           rdzv_endpoint=rdzv_endpoint(cfg))
     if read_meta(out_dir).get("run_key") != key:
         raise RuntimeError(f"training of stage {stage.name} finished but {out_dir} was not written")
     shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -1,15 +1,21 @@
-"""Start training processes locally (torchrun) and render the cluster job from the same config.
+"""Start training processes: ONE launch path for a laptop and for the 80-GPU pool.
 
-Locally, :func:`launch` writes the JSON spec, starts ``torchrun --standalone --nproc_per_node N``
-(or runs the single process in-process when there is nothing distributed to set up), streams
-the workers' output to the log and raises :class:`LaunchError` with the tail of the output when
-any rank fails. In the cluster, :func:`render_cluster_job` gives the Kubeflow ``PyTorchJob``
-(``kubeflow.org/v1``) that runs the same ``onerec_prod.train.sft`` entry point on
-``cluster.training_nodes`` x ``cluster.gpus_per_node`` GPUs. The entry module is a parameter: the
-GRPO refresh runs ``onerec_prod.train.grpo_worker`` the same way. An entry module has
-``main()`` (``python -m MODULE SPEC.json``) and ``run_spec(spec)`` (the in-process case).
+:func:`torchrun_argv` is the only place that decides torchrun's arguments from ``nnodes`` x
+``nproc_per_node``: one node is ``--standalone``; several nodes meet through c10d rendezvous at
+``cluster.master_addr:cluster.master_port`` (``--rdzv_backend=c10d``, no ``--standalone``), each
+node starting ``nproc_per_node`` ranks. :func:`launch` (what ``train_day`` and the GRPO refresh
+call) writes the JSON spec, runs that command (or runs the single process in-process when there
+is nothing distributed to set up), streams the workers' output and raises :class:`LaunchError`
+with the tail of the output when any rank fails. In the cluster every pod of the Kubeflow
+``PyTorchJob`` runs the stage's CLI, which reaches :func:`launch` with ``train.nnodes`` x
+``train.nproc``; :func:`render_pytorchjob` renders that job (one Master + nnodes-1 Workers, the
+rendezvous host being the Master pod) and :func:`cluster_launch_argv` is the torchrun command
+each pod then runs, from the same :func:`torchrun_argv`. The entry module is a parameter: the
+GRPO refresh runs ``onerec_prod.train.grpo_worker`` the same way. An entry module has ``main()``
+(``python -m MODULE SPEC.json``) and ``run_spec(spec)`` (the in-process case).
 
     python -m onerec_prod.train.launcher SPEC.json --nproc 2
+    python -m onerec_prod.train.launcher SPEC.json --nnodes 2 --nproc 1 --rdzv-endpoint 127.0.0.1:29400
 """
 
 from __future__ import annotations
@@ -49,13 +55,39 @@ def write_spec(spec: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def torchrun_argv(nproc_per_node: int, nnodes: int = 1, *, rdzv_endpoint: str | None = None,
+                  rdzv_id: str = "onerec") -> list[str]:
+    """torchrun's arguments for ``nnodes`` x ``nproc_per_node`` ranks (the one place that decides them).
+
+    Raises:
+        ValueError: several nodes without a rendezvous endpoint (``host:port``).
+    """
+    if nproc_per_node < 1 or nnodes < 1:
+        raise ValueError(f"nnodes={nnodes} and nproc_per_node={nproc_per_node} must be >= 1")
+    if nnodes == 1:
+        return ["--standalone", "--nnodes=1", f"--nproc_per_node={nproc_per_node}"]
+    if not rdzv_endpoint or ":" not in rdzv_endpoint:
+        raise ValueError(f"{nnodes} nodes need a c10d rendezvous endpoint host:port (cluster.master_addr/"
+                         f"cluster.master_port), got {rdzv_endpoint!r}")
+    return [f"--nnodes={nnodes}", f"--nproc_per_node={nproc_per_node}", "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={rdzv_endpoint}", f"--rdzv_id={rdzv_id}"]
+
+
 def launch_command(spec_path: str | Path, nproc: int, zero_stage: int,
-                   entry_module: str = ENTRY_MODULE) -> list[str] | None:
-    """Command line of the training job, or None when it runs in-process (1 proc, no ZeRO)."""
-    if nproc == 1 and zero_stage == 0:
+                   entry_module: str = ENTRY_MODULE, *, nnodes: int = 1, rdzv_endpoint: str | None = None,
+                   rdzv_id: str = "onerec", python: str = sys.executable) -> list[str] | None:
+    """Command line of the training job on this node (``nproc`` ranks per node, ``nnodes`` nodes),
+    or None when it runs in-process (1 node, 1 process, no ZeRO)."""
+    if nproc == 1 and nnodes == 1 and zero_stage == 0:
         return None
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", "-m", entry_module, str(spec_path)]
+    return [python, "-m", "torch.distributed.run",
+            *torchrun_argv(nproc, nnodes, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id),
+            "-m", entry_module, str(spec_path)]
+
+
+def rdzv_endpoint(cfg: Config) -> str:
+    """``cluster.master_addr:cluster.master_port``: where the nodes of a multi-node job meet."""
+    return f"{cfg.cluster.master_addr}:{cfg.cluster.master_port}"
 
 
 def worker_env(force_cpu: bool) -> dict[str, str]:
@@ -128,10 +160,13 @@ def run_command(cmd: list[str], env: dict[str, str]) -> None:
 
 
 def launch(spec: dict[str, Any], spec_path: str | Path, *, nproc: int, zero_stage: int,
-           entry_module: str = ENTRY_MODULE) -> None:
-    """Write ``spec`` and run ``entry_module`` on ``nproc`` local processes (in-process if trivial)."""
+           entry_module: str = ENTRY_MODULE, nnodes: int = 1, rdzv_endpoint: str | None = None,
+           rdzv_id: str = "onerec") -> None:
+    """Write ``spec`` and run ``entry_module`` on ``nproc`` processes of this node, one of
+    ``nnodes`` nodes meeting at ``rdzv_endpoint`` (in-process if trivial)."""
     spec_path = write_spec(spec, spec_path)
-    cmd = launch_command(spec_path, nproc, zero_stage, entry_module)
+    cmd = launch_command(spec_path, nproc, zero_stage, entry_module, nnodes=nnodes,
+                         rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
     if cmd is None:
         import importlib
 
@@ -142,62 +177,102 @@ def launch(spec: dict[str, Any], spec_path: str | Path, *, nproc: int, zero_stag
 
 
 # --------------------------------------------------------------------------------------
-# cluster
+# cluster: the Kubeflow PyTorchJob whose pods run the launch above
 
 
-def render_cluster_job(cfg: Config, spec_path: str = "/shared/onerec/run/spec.json",
-                       name: str = "onerec-sft") -> dict[str, Any]:
-    """Kubeflow PyTorchJob (v1) running the SFT entry point on nodes x GPUs from ``cfg``.
+JOB_STEPS = {"train": ("train", ENTRY_MODULE), "rl": ("rl", "onerec_prod.train.grpo_worker")}
 
-    The training operator sets ``PET_NNODES``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` and
-    ``PET_MASTER_PORT`` for torchrun in every pod; ``nprocPerNode`` gives the GPUs per pod.
-    ``spec_path`` is the JSON spec the driver (``onerec-prod train``) wrote on shared storage.
+
+def job_name(step: str, dt: str) -> str:
+    """``onerec-train-20140101``: the PyTorchJob of ``step`` for day ``dt`` (a DNS-1123 name);
+    a templated ``{{ ds }}`` becomes ``{{ ds_nodash }}``."""
+    return f"onerec-{step}-{'{{ ds_nodash }}' if '{{' in dt else dt.replace('-', '')}"
+
+
+def job_shape(cfg: Config, step: str) -> tuple[int, int]:
+    """``(nodes, processes per node)`` of ``step``: SFT ``train.nnodes`` x ``train.nproc``; the GRPO
+    refresh one node x ``grpo.nproc`` (its rollouts need whole weights on every rank)."""
+    if step == "rl":
+        return 1, cfg.grpo.nproc
+    return cfg.train.nnodes, cfg.train.nproc
+
+
+def cluster_launch_argv(cfg: Config, step: str, dt: str, spec_path: str = "SPEC.json") -> list[str]:
+    """The torchrun command each pod of ``step``'s PyTorchJob runs (via the stage's CLI and
+    :func:`launch`): ``train.nnodes`` x ``train.nproc`` ranks meeting at the Master pod.
+
+    Inside a pod the config carries ``cluster.master_addr`` = the Master pod's name (set by
+    :func:`render_pytorchjob`), so this equals what :func:`launch` runs there.
     """
+    name = job_name(step, dt)
+    pod_cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"master_addr": f"{name}-master-0"})})
+    nnodes, nproc = job_shape(cfg, step)
+    zero = cfg.grpo.zero_stage if step == "rl" else cfg.train.zero_stage
+    cmd = launch_command(spec_path, nproc, zero, JOB_STEPS[step][1], nnodes=nnodes,
+                         rdzv_endpoint=rdzv_endpoint(pod_cfg), rdzv_id=name, python="python")
+    assert cmd is not None
+    return cmd
+
+
+def render_pytorchjob(cfg: Config, step: str, dt: str) -> dict[str, Any]:
+    """Kubeflow PyTorchJob (``kubeflow.org/v1``) running ``onerec-prod STEP --date DT`` in every pod.
+
+    :func:`job_shape` pods (one Master, the rest Workers) of that many GPUs each; every
+    pod's stage CLI reaches :func:`launch`, which starts torchrun with c10d rendezvous at the
+    Master pod (``ONEREC__CLUSTER__MASTER_ADDR``, port ``cluster.master_port``). Image, resources,
+    node selector, tolerations, secrets and volumes come from ``cluster`` in the config.
+    """
+    if step not in JOB_STEPS:
+        raise ValueError(f"unknown training step {step!r} (valid: {', '.join(JOB_STEPS)})")
     c = cfg.cluster
-    nodes, gpus = c.training_nodes, c.gpus_per_node
-    command = ["python", "-m", "torch.distributed.run", f"--nnodes={nodes}",
-               f"--nproc_per_node={gpus}", "-m", ENTRY_MODULE, spec_path]
-
-    def replica(n: int) -> dict[str, Any]:
-        return {
-            "replicas": n,
-            "restartPolicy": "OnFailure",
-            "template": {
-                "metadata": {"labels": {"app": "onerec", "component": "train"}},
-                "spec": {
-                    "containers": [{
-                        "name": "pytorch",
-                        "image": c.image,
-                        "imagePullPolicy": "IfNotPresent",
-                        "command": command,
-                        "env": [
-                            {"name": "ONEREC_CONFIG", "value": "configs/cluster.yaml"},
-                            {"name": "HF_HUB_OFFLINE", "value": "1"},
-                            {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
-                            {"name": "PYTHONUNBUFFERED", "value": "1"},
-                        ],
-                        "resources": {
-                            "limits": {"nvidia.com/gpu": gpus},
-                            "requests": {"nvidia.com/gpu": gpus},
-                        },
-                        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
-                    }],
-                    "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
-                },
-            },
-        }
-
-    specs = {"Master": replica(1)}
-    if nodes > 1:
-        specs["Worker"] = replica(nodes - 1)
+    nnodes, nproc = job_shape(cfg, step)
+    if nproc > c.gpus_per_node:
+        raise ValueError(f"{step}: {nproc} processes per node exceed cluster.gpus_per_node={c.gpus_per_node}")
+    name = job_name(step, dt)
+    labels = {"app.kubernetes.io/part-of": "onerec-prod", "app.kubernetes.io/name": f"onerec-{step}"}
+    gpus = str(nproc)
+    env = [{"name": "ONEREC_CONFIG", "value": c.config_path},
+           {"name": "ONEREC__CLUSTER__MASTER_ADDR", "value": f"{name}-master-0"},
+           {"name": "HF_HUB_OFFLINE", "value": "1"},
+           {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+           {"name": "PYTHONUNBUFFERED", "value": "1"},
+           *({"name": k, "value": v} for k, v in sorted(c.train_env.items()))]
+    container = {
+        "name": "pytorch",
+        "image": c.image,
+        "workingDir": "/app",
+        "command": ["onerec-prod"],
+        "args": ["--config", c.config_path, JOB_STEPS[step][0], "--date", dt],
+        "ports": [{"name": "pytorchjob-port", "containerPort": c.master_port}],
+        "env": env,
+        "envFrom": [{"secretRef": {"name": s}} for s in c.secrets],
+        "resources": {"requests": {"cpu": c.train_cpu, "memory": c.train_memory, "nvidia.com/gpu": gpus},
+                      "limits": {"memory": c.train_memory, "nvidia.com/gpu": gpus}},
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"},
+                         *({"name": v, "mountPath": m} for v, m in sorted(c.volume_mounts.items()))],
+    }
+    pod = {
+        "metadata": {"labels": labels},
+        "spec": {
+            "serviceAccountName": c.service_account,
+            "nodeSelector": dict(c.train_node_selector),
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "containers": [container],
+            "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}},
+                        *({"name": v, "persistentVolumeClaim": {"claimName": v}} for v in sorted(c.volume_mounts))],
+        },
+    }
+    specs: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": pod}}
+    if nnodes > 1:
+        specs["Worker"] = {"replicas": nnodes - 1, "restartPolicy": "OnFailure", "template": pod}
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
-        "metadata": {"name": name, "namespace": c.namespace,
-                     "labels": {"app": "onerec", "component": "train"}},
+        "metadata": {"name": name, "namespace": c.namespace, "labels": labels},
         "spec": {
-            "nprocPerNode": str(gpus),
-            "runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": 3},
+            "nprocPerNode": gpus,
+            "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 3,
+                          "schedulingPolicy": {"minAvailable": nnodes}},
             "pytorchReplicaSpecs": specs,
         },
     }
@@ -208,16 +283,20 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description="Run one training spec on N local processes.")
     p.add_argument("spec")
-    p.add_argument("--nproc", type=int, default=None, help="Default: the spec's train.nproc.")
+    p.add_argument("--nproc", type=int, default=None, help="Processes per node. Default: the spec's train.nproc.")
+    p.add_argument("--nnodes", type=int, default=None, help="Nodes. Default: the spec's train.nnodes.")
+    p.add_argument("--rdzv-endpoint", default=None,
+                   help="host:port of the c10d rendezvous (several nodes). Default: cluster.master_addr:master_port.")
     a = p.parse_args(argv)
     setup_logging("INFO")
     from onerec_prod.config import Config
     from onerec_prod.train.stages import StageCfg, stage_train_cfg
 
     spec = json.loads(Path(a.spec).read_text())
-    tcfg = stage_train_cfg(Config.model_validate(spec["config"]).train,
-                           StageCfg.model_validate(spec["stage_cfg"]))
-    launch(spec, a.spec, nproc=a.nproc or tcfg.nproc * tcfg.nnodes, zero_stage=tcfg.zero_stage)
+    cfg = Config.model_validate(spec["config"])
+    tcfg = stage_train_cfg(cfg.train, StageCfg.model_validate(spec["stage_cfg"]))
+    launch(spec, a.spec, nproc=a.nproc or tcfg.nproc, nnodes=a.nnodes or tcfg.nnodes,
+           zero_stage=tcfg.zero_stage, rdzv_endpoint=a.rdzv_endpoint or rdzv_endpoint(cfg))
     return 0
 
 

@@ -20,10 +20,10 @@ DAY = "2014-01-09"
 
 
 def _land(cfg, day):
-    for kind in ("events", "items"):
-        d = Path(cfg.paths.raw) / kind / f"dt={day}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "part-0.jsonl").write_text("{}\n")
+    from onerec_prod.replay import write_partition
+
+    for kind in ("events", "items"):  # one line each, with the completeness marker (written last)
+        write_partition(Path(cfg.paths.raw) / kind / f"dt={day}", ["{}"], None)
 
 
 def test_failed_stage_leaves_a_failed_run_and_the_retry_a_new_one(make_cfg, tmp_path):

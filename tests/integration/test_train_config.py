@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from onerec_prod.config import ConfigError
-from onerec_prod.train.launcher import launch_command, render_cluster_job
+from onerec_prod.train.launcher import launch_command, render_pytorchjob
 from onerec_prod.train.sft import (
     build_ds_config,
     latest_checkpoint,
@@ -54,6 +54,10 @@ def test_launch_command_and_latest_checkpoint(tmp_path):
     assert launch_command("s.json", 1, 0) is None  # in-process
     cmd = launch_command("s.json", 2, 2)
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc_per_node=2" in cmd
+    multi = launch_command("s.json", 1, 2, nnodes=2, rdzv_endpoint="127.0.0.1:29400")
+    assert "--standalone" not in multi and "--nnodes=2" in multi and "--rdzv_backend=c10d" in multi
+    with pytest.raises(ValueError, match="rendezvous"):
+        launch_command("s.json", 8, 2, nnodes=10)
     for step, complete in [(2, True), (4, True), (6, False)]:
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
@@ -64,13 +68,16 @@ def test_launch_command_and_latest_checkpoint(tmp_path):
 
 
 def test_cluster_job_is_a_pytorchjob(make_cfg):
-    cfg = make_cfg("cluster.training_nodes=10", "cluster.gpus_per_node=8", "cluster.image=img:1")
-    job = render_cluster_job(cfg, "/shared/spec.json")
+    cfg = make_cfg("cluster.runtime=cluster", "cluster.training_nodes=10", "cluster.gpus_per_node=8",
+                   "train.nnodes=10", "train.nproc=8", "cluster.image=img:1")
+    job = render_pytorchjob(cfg, "train", "2014-01-01")
     assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
+    assert job["metadata"]["name"] == "onerec-train-20140101"
     specs = job["spec"]["pytorchReplicaSpecs"]
     assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 9
     c = specs["Worker"]["template"]["spec"]["containers"][0]
     assert c["name"] == "pytorch" and c["image"] == "img:1"
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
-    assert "--nnodes=10" in c["command"] and "--nproc_per_node=8" in c["command"]
-    assert c["command"][-1] == "/shared/spec.json" and job["spec"]["nprocPerNode"] == "8"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "8" and job["spec"]["nprocPerNode"] == "8"
+    assert c["args"][-3:] == ["train", "--date", "2014-01-01"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["ONEREC__CLUSTER__MASTER_ADDR"] == "onerec-train-20140101-master-0"

@@ -272,7 +272,7 @@ def test_kustomize_layout_and_generated_configmaps():
             if key == "configMaps" and isinstance(value, list):
                 assert all(v["name"] in defined for v in value)
     # The configuration the cluster runs is valid as it stands.
-    assert cluster_cfg().env == "cluster" and cluster_cfg().cluster.enabled
+    assert cluster_cfg().env == "cluster" and cluster_cfg().cluster.runtime == "cluster"
 
 
 # --------------------------------------------------------------------------------------
@@ -472,11 +472,14 @@ def test_no_secret_values_anywhere_in_the_repo():
 
 def test_training_jobs_match_cluster_config():
     cfg = cluster_cfg()
+    from onerec_prod.train.launcher import job_shape
+
     for step in ("train", "rl"):
         job = one("PyTorchJob", f"onerec-{step}-")
         specs = job["spec"]["pytorchReplicaSpecs"]
-        assert sum(r["replicas"] for r in specs.values()) == cfg.cluster.training_nodes
-        assert int(job["spec"]["nprocPerNode"]) == cfg.cluster.gpus_per_node == cfg.train.nproc
+        nodes, per_node = job_shape(cfg, step)  # train: 10 x 8; rl: 1 x grpo.nproc
+        assert sum(r["replicas"] for r in specs.values()) == nodes
+        assert int(job["spec"]["nprocPerNode"]) == per_node == cfg.cluster.gpus_per_node
         assert cfg.train.nnodes == cfg.cluster.training_nodes
         for r in specs.values():
             pod = r["template"]["spec"]
@@ -569,18 +572,16 @@ def test_namespace_airflow_pool_and_helm_values():
 
 
 def test_static_training_job_matches_launcher_rendering():
-    """The training launcher renders the same job shape from the config (when it exists).
+    """The launcher renders the job the DAG submits; the static template is the same job.
 
-    Compared: kind, namespace, nodes, GPUs per node, image, container name, restart policy.
-    Not compared: the command. The static template runs ``onerec-prod train --date {{ ds }}``
-    in every pod; the launcher's rendering runs torchrun on its entry module with a spec file
-    written by a driver. For that one, only check that the entry module exists.
+    Compared: kind, namespace, nodes, GPUs per node, image, container name, restart policy, the
+    command and the rendezvous host; the torchrun command every pod then runs is c10d
+    rendezvous (never --standalone) over 10 nodes x 8 GPUs, from the launcher's one function.
     """
     from onerec_prod.train import launcher  # our own module: a broken import fails, never skips
 
-    assert hasattr(launcher, "render_cluster_job"), "launcher.render_cluster_job is gone"
     cfg = cluster_cfg()
-    rendered = launcher.render_cluster_job(cfg)
+    rendered = launcher.render_pytorchjob(cfg, "train", DS)  # the static file as loaded: ds filled in
     static = one("PyTorchJob", "onerec-train-")
     assert (rendered["apiVersion"], rendered["kind"]) == (static["apiVersion"], static["kind"])
     assert rendered["metadata"]["namespace"] == static["metadata"]["namespace"]
@@ -592,13 +593,14 @@ def test_static_training_job_matches_launcher_rendering():
         sc = s_specs[role]["template"]["spec"]["containers"][0]
         assert rc["name"] == sc["name"] == "pytorch"
         assert rc["image"] == sc["image"]
+        assert (rc["command"], rc["args"]) == (sc["command"], sc["args"])
         assert r_specs[role]["restartPolicy"] == s_specs[role]["restartPolicy"]
         for kind in ("limits", "requests"):
             assert str(rc["resources"][kind]["nvidia.com/gpu"]) == sc["resources"][kind]["nvidia.com/gpu"]
-        argv = [str(a) for a in rc.get("command", []) + rc.get("args", [])]
-        if "-m" in argv[2:]:
-            module = argv[argv.index("-m", 2) + 1]
-            assert importlib.util.find_spec(module) is not None, f"launcher runs missing module {module}"
+    argv = launcher.cluster_launch_argv(cfg, "train", "2014-01-01")
+    assert "--standalone" not in argv and "--rdzv_backend=c10d" in argv
+    assert "--nnodes=10" in argv and "--nproc_per_node=8" in argv
+    assert "--rdzv_endpoint=onerec-train-20140101-master-0:29500" in argv
     # The rendered job is a valid PyTorchJob whose pod spec is a valid core PodSpec.
     import kubernetes_validate
 
@@ -641,6 +643,14 @@ def test_capacity_row_worked_by_hand():
         (2 * psi + 14 * psi / 80) / 2**30
     )
     assert cap.zero_memory_gib(cap.QWEN3_8B, 3, 80, 24_578) == pytest.approx(16 * psi / 80 / 2**30)
+
+
+def test_capacity_launch_shape_is_what_the_launcher_renders():
+    from onerec_prod.train.launcher import cluster_launch_argv
+
+    argv = cluster_launch_argv(cluster_cfg(), "train", "DS")
+    assert " ".join(argv) in (INFRA / "CAPACITY.md").read_text()
+    assert "--nnodes=10" in argv and "--nproc_per_node=8" in argv and "--standalone" not in argv
 
 
 def test_capacity_doc_matches_the_script():

@@ -35,8 +35,9 @@ def test_cli_replay_twice_is_byte_identical(make_cfg, tmp_path, capsys):
     first = digest(tmp_path / "raw")
     assert main(argv) == 0
     assert digest(tmp_path / "raw") == first
-    assert sorted(first) == [f"{k}/dt={d}/part-0000.jsonl" for k in ("events", "items")
-                             for d in ("2013-12-31", "2014-01-01", "2014-01-02", "2014-01-03")]
+    assert sorted(first) == [f"{k}/dt={d}/{f}" for k in ("events", "items")
+                             for d in ("2013-12-31", "2014-01-01", "2014-01-02", "2014-01-03")
+                             for f in ("_SUCCESS", "part-0000.jsonl")]  # the marker, written last
     out = capsys.readouterr().out
     assert "2013-12-31  bootstrap" in out and (tmp_path / "datasets" / "beauty").is_dir()
 
@@ -85,7 +86,7 @@ def test_rerun_replaces_partition_and_drops_stale_fault_manifest(make_cfg, beaut
     replay(cfg, START, 1, dataset=beauty_slice, bootstrap_before=None)
     assert not (part / FAULTS_FILE).exists()
     assert len((part / "part-0000.jsonl").read_bytes()) < len(with_faults)
-    assert sorted(p.name for p in part.iterdir()) == ["part-0000.jsonl"]
+    assert sorted(p.name for p in part.iterdir()) == ["_SUCCESS", "part-0000.jsonl"]
 
 
 def _expected_reason(raw: str, dt: str, skew: int, known: set[str], seen: set[str], earlier: set[str]):

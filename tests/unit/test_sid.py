@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,14 +176,14 @@ def test_day2_assignment_leaves_day1_sids_unchanged(make_cfg, beauty_items, cach
     assert current_version(cfg) is None
     m1, v1 = ensure_sids(cfg, _rows(day1))
     assert current_version(cfg) == v1 and len(m1) == 200 and len(set(m1.values())) == 200
-    manifest = (sid_root(cfg) / v1 / "manifest.json").read_text()
+    manifest = (Path(sid_root(cfg)) / v1 / "manifest.json").read_text()
 
     rows2 = _rows(day1, m1, v1) + _rows(day2)
     m2, v2 = ensure_sids(cfg, rows2)
     assert v2 == v1 and cached_embed[-1] == 100  # only new items were embedded
     assert {k: m2[k] for k in m1} == m1
     assert len(m2) == 300 and len(set(m2.values())) == 300
-    assert (sid_root(cfg) / v1 / "manifest.json").read_text() == manifest  # codebook frozen
+    assert (Path(sid_root(cfg)) / v1 / "manifest.json").read_text() == manifest  # codebook frozen
     # new items get the frozen codebook's nearest codes
     cb = load_codebook(cfg)
     emb2 = np.stack([sid_embed.embed_items([r], cfg.sid)[0] for r in _rows(day2)])
@@ -203,7 +204,7 @@ def test_refit_new_version_and_mixing_rejected(make_cfg, beauty_items, cached_em
     m3, v3 = refit(cfg, all_rows)
     assert v3 != v1 and current_version(cfg) == v3
     assert len(m3) == 300 and len(set(m3.values())) == 300
-    assert (sid_root(cfg) / v1).is_dir()  # the old version stays for lineage
+    assert (Path(sid_root(cfg)) / v1).is_dir()  # the old version stays for lineage
     with pytest.raises(SidVersionError) as ei:
         ensure_sids(cfg, all_rows)  # catalog still on v1
     assert v1 in str(ei.value) and v3 in str(ei.value) and "sid-fit" in str(ei.value)
