@@ -9,9 +9,12 @@ The last level is the collision level; "prefix" means the first ``len(sizes) - 1
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
 # Keys in print order, with a short label (used by the CLIs).
 SUMMARY_KEYS = [
@@ -104,3 +107,47 @@ def format_reports(reports: dict[str, dict], levels: int) -> str:
             cells.append((f"{v:.4f}" if isinstance(v, float) else str(v)).rjust(col))
         lines.append(label.ljust(width) + "".join(cells))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# the SIDs a report is made of (LETTER's shipped index, the catalog table)
+
+LETTER_CODES_PER_LEVEL = 256
+_LETTER_TOKEN = re.compile(r"<([a-z])_(\d+)>")
+
+
+def load_letter_sids(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """LETTER index ``{lcrec_id: ["<a_183>", "<b_70>", ...]}`` -> ``{lcrec_id: (183, 70, ...)}``."""
+    raw = json.loads(Path(path).read_text())
+    out = {}
+    for key, toks in raw.items():
+        codes = []
+        for level, tok in enumerate(toks):
+            m = _LETTER_TOKEN.fullmatch(tok)
+            if not m or m.group(1) != "abcdefgh"[level]:
+                raise ValueError(f"{path}: item {key}: bad LETTER token {tok!r} at level {level}")
+            codes.append(int(m.group(2)))
+        out[str(key)] = tuple(codes)
+    return out
+
+
+def letter_report(dataset_dir: str | Path) -> dict:
+    """Quality report of the LETTER Beauty SIDs (last LETTER level treated as the collision level)."""
+    sids = load_letter_sids(Path(dataset_dir) / "letter_sid" / "Beauty.index.json")
+    n_levels = len(next(iter(sids.values())))
+    return sid_report(list(sids.values()), [LETTER_CODES_PER_LEVEL] * n_levels)
+
+
+def catalog_report(cfg) -> tuple[dict, str, str]:
+    """(report, sid_version, source) for the current codebook's SIDs in the catalog."""
+    from onerec_prod.lake import read_table, table_exists, table_path
+    from onerec_prod.sid.service import load_codebook
+    from onerec_prod.spark import get_spark
+
+    cb = load_codebook(cfg)
+    spark = get_spark(cfg.spark)
+    path = table_path(cfg, "catalog")
+    if not table_exists(spark, path):
+        return dict(cb.manifest.get("fit_report", {})), cb.version, "codebook manifest (fit time)"
+    rows = read_table(spark, path).where(f"sid_version = '{cb.version}'").select("sid").collect()
+    return sid_report([tuple(r["sid"]) for r in rows], cb.sizes), cb.version, f"catalog table {path}"
