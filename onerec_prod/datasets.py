@@ -27,6 +27,8 @@ from typing import Any
 
 from onerec_prod.util import atomic_write_text
 
+_atomic_write = atomic_write_text  # old name, still imported by replay.py (its owner switches to util)
+
 log = logging.getLogger(__name__)
 
 INTERACTIONS_FILE = "interactions.tsv"

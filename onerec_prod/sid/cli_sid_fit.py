@@ -1,6 +1,6 @@
 """``onerec-prod sid-fit``: refit SID codebooks on the whole catalog (a new sid_version).
 
-:func:`onerec_prod.sid.refit.refit_catalog` does the work; every model and sample set of the old
+:func:`onerec_prod.sid.catalog.refit_catalog` does the work; every model and sample set of the old
 version becomes incompatible: retrain from the base model afterwards. Idempotent on an unchanged
 catalog (the version is a content hash).
 """
@@ -15,7 +15,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args, cfg) -> int:
-    from onerec_prod.sid.refit import refit_catalog
+    from onerec_prod.sid.catalog import refit_catalog
     from onerec_prod.sid.report import format_reports
 
     try:

@@ -18,7 +18,8 @@ def add_arguments(parser) -> None:
 
 
 def main(args, cfg) -> int:
-    from onerec_prod.sid.report import catalog_report, format_reports, letter_report
+    from onerec_prod.sid.catalog import catalog_report
+    from onerec_prod.sid.report import format_reports, letter_report
 
     if args.letter:
         rep, name, source = letter_report(cfg.paths.dataset), "LETTER", str(cfg.paths.dataset)

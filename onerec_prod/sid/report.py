@@ -136,18 +136,3 @@ def letter_report(dataset_dir: str | Path) -> dict:
     sids = load_letter_sids(Path(dataset_dir) / "letter_sid" / "Beauty.index.json")
     n_levels = len(next(iter(sids.values())))
     return sid_report(list(sids.values()), [LETTER_CODES_PER_LEVEL] * n_levels)
-
-
-def catalog_report(cfg) -> tuple[dict, str, str]:
-    """(report, sid_version, source) for the current codebook's SIDs in the catalog."""
-    from onerec_prod.lake import read_table, table_exists, table_path
-    from onerec_prod.sid.service import load_codebook
-    from onerec_prod.spark import get_spark
-
-    cb = load_codebook(cfg)
-    spark = get_spark(cfg.spark)
-    path = table_path(cfg, "catalog")
-    if not table_exists(spark, path):
-        return dict(cb.manifest.get("fit_report", {})), cb.version, "codebook manifest (fit time)"
-    rows = read_table(spark, path).where(f"sid_version = '{cb.version}'").select("sid").collect()
-    return sid_report([tuple(r["sid"]) for r in rows], cb.sizes), cb.version, f"catalog table {path}"

@@ -1,9 +1,10 @@
-"""Refit the SID codebooks on the whole catalog and rewrite every item's SID (a new sid_version).
+"""The catalog's SIDs: refit them all (a new sid_version) and report on them.
 
-Library side of ``onerec-prod sid-fit`` (:mod:`onerec_prod.sid.cli_sid_fit`): reads the catalog
+:func:`refit_catalog` is the library side of ``onerec-prod sid-fit``: it reads the catalog
 Delta table, fits new codebooks on every item, MERGE-updates each row's ``sid``/``sid_version``,
 then moves ``<artifacts>/sid/CURRENT``. Every model and sample set of the old version becomes
 incompatible. Re-running on an unchanged catalog reproduces the same version (content hash).
+:func:`catalog_report` is the SID report of the catalog (``onerec-prod sid-report``).
 """
 
 from __future__ import annotations
@@ -52,3 +53,19 @@ def refit_catalog(cfg: Config) -> dict[str, Any]:
     set_current(cfg, version)
     rep = sid_report(list(mapping.values()), load_codebook(cfg, version).sizes)
     return {"sid_version": version, "previous": old, "items": len(mapping), "report": rep}
+
+
+def catalog_report(cfg) -> tuple[dict, str, str]:
+    """(report, sid_version, source) for the current codebook's SIDs in the catalog."""
+    from onerec_prod.lake import read_table, table_exists, table_path
+    from onerec_prod.sid.report import sid_report
+    from onerec_prod.sid.service import load_codebook
+    from onerec_prod.spark import get_spark
+
+    cb = load_codebook(cfg)
+    spark = get_spark(cfg.spark)
+    path = table_path(cfg, "catalog")
+    if not table_exists(spark, path):
+        return dict(cb.manifest.get("fit_report", {})), cb.version, "codebook manifest (fit time)"
+    rows = read_table(spark, path).where(f"sid_version = '{cb.version}'").select("sid").collect()
+    return sid_report([tuple(r["sid"]) for r in rows], cb.sizes), cb.version, f"catalog table {path}"
