@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         model_dir = Path(args.model)
     else:
-        from onerec_prod.model.base import init_base_model
-        from onerec_prod.model.cli import catalog_texts_from_dataset
+        from onerec_prod.model.base import catalog_texts_from_dataset, init_base_model
 
         model_dir = work / f"base-{cfg.digest()}"
         if not any(model_dir.glob("*.safetensors")):

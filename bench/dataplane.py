@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import resource
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from jobs.ingest_events import reference_ingest
 from onerec_prod.config import load_config
 from onerec_prod.replay import replay
 from onerec_prod.schemas import load_schema, validate_fields
+from onerec_prod.util import atomic_open
 
 LAST_DAY = "2014-07-23"
 
@@ -74,11 +74,9 @@ def plain_python(raw: Path, days: list[str], cfg, out_dir: Path) -> dict:
             hist.append(e["item_id"])
             if len(hist) > 2 * h:
                 del hist[:-h]
-        tmp = out_dir / f".examples-{dt}.jsonl.tmp"
-        with open(tmp, "w") as f:
+        with atomic_open(out_dir / f"examples-{dt}.jsonl") as f:
             for ex in examples:
                 f.write(json.dumps(ex, sort_keys=True) + "\n")
-        os.replace(tmp, out_dir / f"examples-{dt}.jsonl")
         t2 = time.perf_counter()
         t_cat += t1 - t0
         t_main += t2 - t1

@@ -361,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         model_dir = Path(args.model)
     else:
-        from onerec_prod.model.base import init_base_model
-        from onerec_prod.model.cli import catalog_texts_from_dataset
+        from onerec_prod.model.base import catalog_texts_from_dataset, init_base_model
 
         key = json.dumps([cfg.model.model_dump(), cfg.sid.model_dump()], sort_keys=True)
         base = work / f"base-{hashlib.sha256(key.encode()).hexdigest()[:12]}"  # model + SID sizes only

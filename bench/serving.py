@@ -59,6 +59,7 @@ def build_setup(args, work: Path):
     """Config, model dir, catalog rows (with SIDs) and histories."""
     from onerec_prod.config import load_config
     from onerec_prod.sid.tokens import level_sizes
+    from onerec_prod.util import read_meta
 
     cfg = load_config(args.config, [f"paths.var_root={work}", "serving.reload_interval_s=3600", *args.set],
                       environ={})
@@ -87,8 +88,7 @@ def build_setup(args, work: Path):
         t = time.perf_counter()
         model_dir = init_base_model(cfg, [f"{it['title']} {it['categories']}" for it in items], work / "model")
         log.info("built the embedded model in %.1fs", time.perf_counter() - t)
-    meta_path = model_dir / "onerec_meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = read_meta(model_dir)
     if meta.get("sid_version") not in (None, "bench-sids"):
         raise SystemExit(f"--model {model_dir} has sid_version {meta['sid_version']}; the bench assigns its own SIDs")
     ids = [it["item_id"] for it in items]

@@ -24,8 +24,7 @@ import numpy as np
 from onerec_prod.config import SidCfg, load_config
 from onerec_prod.sid.codebook import assign_sids, fit_codebook
 from onerec_prod.sid.embed import embed_texts, item_text
-from onerec_prod.sid.report import format_reports, sid_report
-from onerec_prod.sid.report_cli import letter_report
+from onerec_prod.sid.report import format_reports, letter_report, sid_report
 
 
 def _first_seen(dataset: Path) -> dict[str, int]:

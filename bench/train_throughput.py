@@ -71,11 +71,11 @@ def run_cpu(args: argparse.Namespace) -> dict:
     import torch
 
     from onerec_prod.config import load_config
-    from onerec_prod.model.base import init_base_model
-    from onerec_prod.model.cli import catalog_texts_from_dataset
+    from onerec_prod.model.base import catalog_texts_from_dataset, init_base_model
     from onerec_prod.sid.tokens import level_sizes
     from onerec_prod.train import cli as train_cli
     from onerec_prod.train.data import write_rows_jsonl
+    from onerec_prod.util import read_meta
 
     root = Path(args.work or tempfile.mkdtemp(prefix="onerec-bench-"))
     common = [f"paths.var_root={root}", f"train.max_steps={args.steps}", "train.save_steps=1000000",
@@ -102,7 +102,9 @@ def run_cpu(args: argparse.Namespace) -> dict:
         torch.set_num_threads(1)  # the same one core per process as the torchrun ranks
         out = train_cli.train_stage(run_cfg, "2014-01-01", "incremental", root / label,
                                     root / f"{label}_work", samples_path=samples, force=True)
-        meta = json.loads((out / "onerec_meta.json").read_text())
+        meta = read_meta(out)
+        if not meta:
+            raise SystemExit(f"{out}: training wrote no model meta file")
         results[label] = {k: meta[k] for k in ("global_step", "world_size", "train_seconds",
                                                  "tokens_per_process", "tokens_per_s_per_process")}
     ds = results["deepspeed_zero2_2proc"]["tokens_per_s_per_process"]

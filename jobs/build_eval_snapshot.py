@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import logging
 
-from jobs.common import check_date, log_result, read_or_empty
+from jobs.common import log_result, read_or_empty
 from onerec_prod.config import Config
 from onerec_prod.lake import JobResult, overwrite_partition, table_path
+from onerec_prod.util import check_date
 
 log = logging.getLogger(__name__)
 JOB = "build_eval_snapshot"

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 
-from jobs.common import ShrinkRefused, check_date, delta_version, log_result, merge_metrics, read_or_empty
+from jobs.common import ShrinkRefused, delta_version, log_result, merge_metrics, read_or_empty
 from onerec_prod.config import Config
 from onerec_prod.lake import JobResult, create_if_absent, overwrite_partition, table_path
+from onerec_prod.util import check_date
 
 log = logging.getLogger(__name__)
 JOB = "build_sequences"

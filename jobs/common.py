@@ -18,20 +18,11 @@ from pathlib import Path
 from onerec_prod.config import Config
 from onerec_prod.lake import JobResult, read_table, table_exists, table_path, table_version
 from onerec_prod.schemas import load_schema, spark_json_fields, spark_row_reason
+from onerec_prod.util import check_date
 
 log = logging.getLogger(__name__)
 
 LINE_COLUMNS = ("raw", "source_file", "line_no")
-
-
-def check_date(dt: str) -> str:
-    """``dt`` if it is a ``YYYY-MM-DD`` date, else ValueError naming it."""
-    try:
-        if date.fromisoformat(dt).isoformat() != dt:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ValueError(f"--date {dt!r}: expected YYYY-MM-DD") from None
-    return dt
 
 
 def day_end_ts(dt: str) -> int:

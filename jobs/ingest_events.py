@@ -29,7 +29,6 @@ import logging
 
 from jobs.common import (
     ShrinkRefused,
-    check_date,
     day_end_ts,
     log_result,
     parse_raw,
@@ -39,6 +38,7 @@ from jobs.common import (
 )
 from onerec_prod.config import Config
 from onerec_prod.lake import JobResult, overwrite_partition, table_path
+from onerec_prod.util import check_date
 
 log = logging.getLogger(__name__)
 JOB = "ingest_events"

@@ -33,8 +33,9 @@ def add_arguments(parser) -> None:
 
 
 def main(args, cfg) -> int:
-    from jobs.common import ShrinkRefused, check_date
+    from jobs.common import ShrinkRefused
     from onerec_prod.spark import get_spark
+    from onerec_prod.util import check_date
 
     try:
         dates = [check_date(d) for d in args.date]

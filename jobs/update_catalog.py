@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 
 from jobs.common import (
-    check_date,
     delta_version,
     log_result,
     merge_metrics,
@@ -30,6 +29,7 @@ from jobs.common import (
 )
 from onerec_prod.config import Config
 from onerec_prod.lake import JobResult, create_if_absent, overwrite_partition, table_path
+from onerec_prod.util import check_date
 
 log = logging.getLogger(__name__)
 JOB = "update_catalog"

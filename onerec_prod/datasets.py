@@ -21,11 +21,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from onerec_prod.util import atomic_write_text
+
+_atomic_write = atomic_write_text  # old name, still imported by replay.py (its owner switches to util)
 
 log = logging.getLogger(__name__)
 
@@ -212,19 +214,6 @@ def load_dataset(path: str | Path) -> Dataset:
 # writer and the Beauty converter
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_dataset(out_dir: str | Path, rows: list[tuple[str, str, int | None, str | None]],
                   items: list[Item]) -> None:
     """Write ``(user_id, item_id, ts, event_type)`` rows and items in the plain format (atomically)."""
@@ -241,8 +230,8 @@ def write_dataset(out_dir: str | Path, rows: list[tuple[str, str, int | None, st
             rec.append(event_type or "")
         lines.append("\t".join(rec))
     item_lines = [json.dumps(it.to_json(), sort_keys=True, ensure_ascii=False) for it in items]
-    _atomic_write(out / ITEMS_FILE, "\n".join(item_lines) + "\n")
-    _atomic_write(out / INTERACTIONS_FILE, "\n".join(lines) + "\n")
+    atomic_write_text(out / ITEMS_FILE, "\n".join(item_lines) + "\n")
+    atomic_write_text(out / INTERACTIONS_FILE, "\n".join(lines) + "\n")
 
 
 def _source_fingerprint(src: Path) -> dict[str, int]:
@@ -310,7 +299,7 @@ def convert_beauty(src: str | Path, out_dir: str | Path) -> dict[str, Any]:
     summary = {"source": str(src), "interactions": len(rows), "items": len(items),
                "users": len({r[0] for r in rows}), "ids": "reviewer id / ASIN",
                "fingerprint": _source_fingerprint(src)}
-    _atomic_write(out / SOURCE_STAMP, json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(out / SOURCE_STAMP, json.dumps(summary, indent=1, sort_keys=True) + "\n")
     log.info("converted Beauty %s -> %s: %d interactions, %d users, %d items", src, out,
              summary["interactions"], summary["users"], summary["items"])
     return summary

@@ -21,12 +21,13 @@ would measure MiniLM, not the data plane.
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from onerec_prod.util import atomic_open
 
 BAD_KINDS = ("malformed_json", "missing_field", "bad_type", "empty", "negative_timestamp",
              "future_timestamp", "unknown_item", "duplicate_event")
@@ -86,8 +87,7 @@ def write_day(raw_root: str | Path, dt: str, n_events: int, *, n_items: int = 1_
         if n_f <= 0:
             break
         path = out / f"part-{f:04d}.jsonl"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w") as fh:
+        with atomic_open(path) as fh:
             for c0 in range(0, n_f, chunk):
                 rng = np.random.default_rng([*seed_key, f, c0])
                 m = min(chunk, n_f - c0)
@@ -96,7 +96,6 @@ def write_day(raw_root: str | Path, dt: str, n_events: int, *, n_items: int = 1_
                                seed=seed, dt=dt)
                 fh.write("\n".join(lines))
                 fh.write("\n")
-        os.replace(tmp, path)
         written += n_f
     manifest = {"dt": dt, "events": n_events, "files": files, "n_items": n_items, "n_users": n_users,
                 "seed": seed, "bad_share": bad_share, "bad": bad_counts, "bad_total": sum(bad_counts.values()),

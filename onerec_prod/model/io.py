@@ -21,9 +21,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from onerec_prod.util import META_FILE, atomic_path, read_meta  # noqa: F401  (re-exported)
 
-META_FILE = "onerec_meta.json"
+log = logging.getLogger(__name__)
 
 
 def _require_safetensors(model_dir: Path) -> None:
@@ -61,12 +61,6 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype=None):
         str(model_dir), dtype=dtype, use_safetensors=True, local_files_only=True
     )
     return model.to(device).eval()
-
-
-def read_meta(model_dir: str | Path) -> dict[str, Any]:
-    """``onerec_meta.json`` of ``model_dir`` (``{}`` for a plain HF directory)."""
-    p = Path(model_dir) / META_FILE
-    return json.loads(p.read_text()) if p.exists() else {}
 
 
 def weights_hash(model_dir: str | Path) -> str:
@@ -227,9 +221,8 @@ def save_tree(obj: Any, path: str | Path) -> Path:
     path = Path(path)
     tensors: dict = {}
     skeleton = _encode(obj, tensors, "")
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "onerec_tree": json.dumps(skeleton)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "onerec_tree": json.dumps(skeleton)})
     return path
 
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from onerec_prod.config import Config
 from onerec_prod.registry import tracking
+from onerec_prod.util import read_meta
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -607,6 +608,33 @@ def resolve_model_dir(cfg: Config, uri_or_dir: str | Path) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"model dir {path} does not exist (or pass models:/name@alias)")
     return path
+
+
+def local_version(model_dir: str | Path) -> str:
+    """Stable label of an unregistered model dir: ``local-`` + hash of its recorded weights hash.
+
+    Falls back to the dir's resolved path when ``onerec_meta.json`` has no ``weights_sha256``.
+    """
+    key = read_meta(model_dir).get("weights_sha256") or str(Path(model_dir).resolve())
+    return "local-" + hashlib.sha256(str(key).encode()).hexdigest()[:12]
+
+
+def resolve_model(cfg: Config, spec: str | None, version: str | None = None) -> tuple[str, Path]:
+    """``(model_version, local dir)`` of a model spec (dir, ``models:/`` URI, or None = champion).
+
+    A local dir is labelled ``version`` or :func:`local_version`; a registry version must agree
+    with ``version`` when both are given (the precompute and serving key their rows by it).
+    """
+    spec = spec or f"models:/{cfg.registry.model_name}@champion"
+    if spec.startswith("models:/"):
+        _, resolved = resolve_version(cfg, spec)
+        if version is not None and version != resolved:
+            raise ValueError(f"--model-version {version} contradicts {spec} (version {resolved})")
+        return resolved, version_dir(cfg, resolved, spec[len("models:/"):].split("@")[0].split("/")[0])
+    path = Path(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {spec}: not a directory (or pass models:/name@alias)")
+    return version or local_version(path), path
 
 
 def champion(cfg: Config) -> tuple[str, Path] | None:

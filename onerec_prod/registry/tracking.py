@@ -39,13 +39,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from onerec_prod.config import REPO_ROOT, Config
+from onerec_prod.util import check_date
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
-_DT_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _STEP_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 MAX_PARAM_LEN = 6000
@@ -172,11 +172,6 @@ def ensure_experiment(cfg: Config, c: MlflowClient | None = None) -> str:
 # day and step runs
 
 
-def _check_dt(dt: str) -> None:
-    if not _DT_RE.match(dt):
-        raise ValueError(f"dt must be YYYY-MM-DD, got {dt!r}")
-
-
 def _find_or_create(c: MlflowClient, cfg: Config, exp_id: str, filt: str, create) -> str:
     def search():
         runs = c.search_runs([exp_id], filter_string=filt, max_results=100)
@@ -197,7 +192,7 @@ def _find_or_create(c: MlflowClient, cfg: Config, exp_id: str, filt: str, create
 
 def day_run_id(cfg: Config, dt: str) -> DayRun:
     """Find or create the day run ``day-<dt>`` (tags ``dt``, ``git_sha``, ``config_hash``)."""
-    _check_dt(dt)
+    check_date(dt, "dt")
     c = client(cfg)
     exp_id = ensure_experiment(cfg, c)
     tags = {

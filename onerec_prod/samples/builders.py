@@ -15,6 +15,12 @@ event is legitimately in the history (re-buying is real behaviour the model shou
 dropping them would bias the training set against it). Their number is reported
 (``repeat_targets``). Examples with an empty history are skipped (nothing to condition on).
 
+Tasks: ``REGISTRY`` (at the end of this module) maps each task name to a :class:`SampleTask`,
+its builder and its source (``examples``, ``users`` or ``items``); ``TASKS`` is its key order.
+Adding a task is one builder function plus one registry entry (docs/SAMPLES.md); both build
+paths (the driver's :func:`build_day_samples` and the executor path of ``jobs/build_samples``)
+run every registered task through :func:`build_source_samples`.
+
 Tasks (``TASKS``):
 - ``persona``: interleaved user persona grounding, one per user and day from the user's last
   example; the answer (top leaf categories) is computed only from the history shown.
@@ -35,8 +41,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from onerec_prod.samples.prompts import (
     leaf_category,
@@ -51,9 +58,6 @@ from onerec_prod.sid.tokens import sid_to_text
 
 log = logging.getLogger(__name__)
 
-TASKS = (
-    "persona", "seqrec", "caption", "text2sid", "general_lm", "sid_rec", "sid_stream", "reasoning", "rl_prompt",
-)
 ALIGNMENT_TASKS = ("persona", "seqrec", "caption", "text2sid", "general_lm")
 PERSONA_TOP_CATEGORIES = 3
 CAPTION_DESCRIPTION_CHARS = 400
@@ -336,10 +340,86 @@ def build_general_lm_samples(selected: Sequence[Item], *, dt: str, sid_version: 
 
 
 # --------------------------------------------------------------------------------------
-# one day
+# the task registry
 
-EXAMPLE_TASKS = ("seqrec", "sid_rec", "reasoning", "rl_prompt")
-ITEM_TASKS = ("caption", "text2sid", "general_lm")
+Source = Literal["users", "examples", "items"]
+SOURCES: tuple[Source, ...] = ("users", "examples", "items")  # build order of a day
+
+
+@dataclass(frozen=True)
+class SampleTask:
+    """One sample task: its builder and what it is built from.
+
+    ``source`` fixes the builder's signature and how the executor path splits the work:
+
+    - ``examples``: ``build(examples, items, *, dt, sid_version, max_history)``, one row per
+      usable example; any split of the examples gives the same rows (built per Arrow batch);
+    - ``users``: same signature, rows per user of the day; needs all of a user's examples of the
+      day together (the executor path hash-partitions the examples by ``user_id``);
+    - ``items``: ``build(selected, *, dt, sid_version)`` over the day's item selection named by
+      ``items`` (``caption``: the new items plus a seeded sample, ``samples.caption_items_per_day``;
+      ``general_lm``: a seeded sample, ``samples.general_lm_per_day``).
+
+    ``rationale``: the builder also takes ``rationale_source`` (it writes rationales).
+    ``sft``: part of the SFT training mix (``rl_prompt`` is not: its response is a bare reference
+    SID for the RL reward, not an SFT target).
+    """
+
+    name: str
+    source: Source
+    build: Callable[..., list[Sample]]
+    items: Literal["caption", "general_lm"] | None = None
+    rationale: bool = False
+    sft: bool = True
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"task {self.name}: source must be one of {SOURCES}, got {self.source!r}")
+        if (self.source == "items") != (self.items is not None):
+            raise ValueError(f"task {self.name}: item tasks (and only they) name an item selection")
+
+
+REGISTRY: dict[str, SampleTask] = {t.name: t for t in (
+    SampleTask("persona", "users", build_persona_samples),
+    SampleTask("seqrec", "examples", build_seqrec_samples),
+    SampleTask("caption", "items", build_caption_samples, items="caption"),
+    SampleTask("text2sid", "items", build_text2sid_samples, items="caption"),
+    SampleTask("general_lm", "items", build_general_lm_samples, items="general_lm"),
+    SampleTask("sid_rec", "examples", build_sid_rec_samples),
+    SampleTask("sid_stream", "users", build_stream_samples),
+    SampleTask("reasoning", "examples", build_reasoning_samples, rationale=True),
+    SampleTask("rl_prompt", "examples", build_rl_prompt_samples, sft=False),
+)}
+TASKS = tuple(REGISTRY)
+SFT_TASKS = tuple(n for n, t in REGISTRY.items() if t.sft)
+EXAMPLE_TASKS = tuple(n for n, t in REGISTRY.items() if t.source == "examples")
+USER_TASKS = tuple(n for n, t in REGISTRY.items() if t.source == "users")
+ITEM_TASKS = tuple(n for n, t in REGISTRY.items() if t.source == "items")
+
+
+def build_source_samples(
+    source: Source, inputs, items: Mapping[str, Item] | None = None, *, dt: str, sid_version: str,
+    max_history: int = 0, rationale_source: RationaleSource | None = None,
+) -> list[Sample]:
+    """Every registered task of ``source``, in registry order.
+
+    ``inputs``: the examples (``users`` / ``examples``) or a mapping selection name -> selected
+    items (``items``). Both build paths call this, so a registered task is built by both.
+    """
+    out: list[Sample] = []
+    for task in REGISTRY.values():
+        if task.source != source:
+            continue
+        if source == "items":
+            out += task.build(inputs[task.items], dt=dt, sid_version=sid_version)
+            continue
+        kw = {"rationale_source": rationale_source} if task.rationale else {}
+        out += task.build(inputs, items, dt=dt, sid_version=sid_version, max_history=max_history, **kw)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# one day
 
 
 def build_example_samples(
@@ -347,20 +427,25 @@ def build_example_samples(
     max_history: int, rationale_source: RationaleSource | None = None,
 ) -> list[Sample]:
     """The per-example tasks (``EXAMPLE_TASKS``); any split of the examples gives the same rows."""
-    hk = {"dt": dt, "sid_version": sid_version, "max_history": max_history}
-    return (build_seqrec_samples(examples, items, **hk)
-            + build_sid_rec_samples(examples, items, **hk)
-            + build_reasoning_samples(examples, items, rationale_source=rationale_source, **hk)
-            + build_rl_prompt_samples(examples, items, **hk))
+    return build_source_samples("examples", examples, items, dt=dt, sid_version=sid_version,
+                                max_history=max_history, rationale_source=rationale_source)
+
+
+def build_user_samples(
+    examples: Sequence[Mapping[str, Any]], items: Mapping[str, Item], *, dt: str, sid_version: str,
+    max_history: int,
+) -> list[Sample]:
+    """The per-user tasks (``USER_TASKS``); needs every example of each user it sees."""
+    return build_source_samples("users", examples, items, dt=dt, sid_version=sid_version,
+                                max_history=max_history)
 
 
 def build_item_samples(
     caption_items: Sequence[Item], general_items: Sequence[Item], *, dt: str, sid_version: str
 ) -> list[Sample]:
     """The item tasks (``ITEM_TASKS``) over the day's selected items."""
-    kw = {"dt": dt, "sid_version": sid_version}
-    return (build_caption_samples(caption_items, **kw) + build_text2sid_samples(caption_items, **kw)
-            + build_general_lm_samples(general_items, **kw))
+    return build_source_samples("items", {"caption": caption_items, "general_lm": general_items},
+                                dt=dt, sid_version=sid_version)
 
 
 def example_stats(examples: Sequence[Mapping[str, Any]]) -> dict[str, int]:
@@ -390,8 +475,7 @@ def build_day_samples(
         general_items = select_items(items, dt=dt, n=c.general_lm_per_day, seed=c.seed,
                                      purpose="general_lm")
     hk = {"dt": dt, "sid_version": sid_version, "max_history": c.max_history}
-    out: list[Sample] = build_persona_samples(examples, items, **hk)
-    out += build_stream_samples(examples, items, **hk)
+    out: list[Sample] = build_user_samples(examples, items, **hk)
     out += build_example_samples(examples, items, rationale_source=rationale_source, **hk)
     out += build_item_samples(caption_items, general_items, dt=dt, sid_version=sid_version)
     ids = [s["sample_id"] for s in out]

@@ -9,8 +9,9 @@ samples keeps it from forgetting. Everything is a function of ``(seed, D, sample
   ``rank_key(seed, D, "replay", sample_id)``;
 - the mix is ordered by ``rank_key(seed, D, "order", sample_id)``.
 
-The Spark job selects the replay rows with the same key (``sha2``), so the table-scale selection
-and :func:`select_replay` agree row for row (tested).
+The table-scale export (:func:`onerec_prod.samples.export.export_training_mix`) selects the replay
+rows with the same key in Spark (:func:`rank_col`, ``sha2``), so it and :func:`select_replay` agree
+row for row (tested).
 """
 
 from __future__ import annotations
@@ -53,6 +54,22 @@ def select_replay(
     return ranked[:n]
 
 
+def rank_col(seed: int, dt: str, purpose: str, key_col: str):
+    """Spark twin of :func:`onerec_prod.samples.builders.rank_key` over column ``key_col``."""
+    from pyspark.sql import functions as F
+
+    return F.sha2(F.concat_ws("|", F.lit(str(seed)), F.lit(dt), F.lit(purpose), F.col(key_col)), 256)
+
+
+def order_mix(
+    new: Sequence[Mapping[str, Any]], replay: Sequence[Mapping[str, Any]], *, dt: str, seed: int
+) -> list[dict[str, Any]]:
+    """New dicts of ``new`` + ``replay`` with a ``replay`` flag, in the seeded mix order."""
+    rows = [dict(s, replay=False) for s in new] + [dict(s, replay=True) for s in replay]
+    rows.sort(key=lambda s: rank_key(seed, dt, "order", s["sample_id"]))
+    return rows
+
+
 def daily_mix(
     new: Sequence[Mapping[str, Any]], older: Sequence[Mapping[str, Any]], *, dt: str,
     fraction: float, seed: int, lookback_days: int,
@@ -64,6 +81,4 @@ def daily_mix(
     start, end = lookback_window(dt, lookback_days)
     window = [s for s in older if start <= s["dt"] < end]
     replay = select_replay(window, n_new=len(new), dt=dt, fraction=fraction, seed=seed)
-    rows = [dict(s, replay=False) for s in new] + [dict(s, replay=True) for s in replay]
-    rows.sort(key=lambda s: rank_key(seed, dt, "order", s["sample_id"]))
-    return rows
+    return order_mix(new, replay, dt=dt, seed=seed)

@@ -406,7 +406,7 @@ def default_resolver(cfg: Config, *, model_dir: str | Path | None, model_version
                      follow_champion: bool) -> Resolver:
     """Pinned dir; or the registry champion (every poll, or once when not following)."""
     if model_dir is not None:
-        from onerec_prod.serving.precompute_cli import local_version
+        from onerec_prod.registry.registry import local_version
 
         pinned = (model_version or local_version(model_dir), Path(model_dir))
         return lambda: pinned

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from onerec_prod.config import SidCfg
+from onerec_prod.util import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +186,8 @@ class EmbeddingCache:
         # raw digest bytes as uint8 rows (an "S32" array would strip a digest's trailing zero bytes)
         keys = np.frombuffer(b"".join(self.key(t) for t in texts), dtype=np.uint8).reshape(-1, 32)
         name = f"shard-{time.time_ns():020d}-{os.getpid()}"
-        tmp = self.dir / f".{name}.tmp.npz"
-        np.savez(tmp, keys=keys, emb=np.asarray(emb, dtype=np.float32))
-        os.replace(tmp, self.dir / f"{name}.npz")
+        with atomic_path(self.dir / f"{name}.npz", suffix=".npz") as tmp:  # savez keeps a .npz name
+            np.savez(tmp, keys=keys, emb=np.asarray(emb, dtype=np.float32))
 
 
 def embed_items_cached(rows: Sequence[Mapping], sid_cfg: SidCfg, cache: EmbeddingCache | None) -> np.ndarray:

@@ -9,9 +9,12 @@ The last level is the collision level; "prefix" means the first ``len(sizes) - 1
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
 # Keys in print order, with a short label (used by the CLIs).
 SUMMARY_KEYS = [
@@ -104,3 +107,32 @@ def format_reports(reports: dict[str, dict], levels: int) -> str:
             cells.append((f"{v:.4f}" if isinstance(v, float) else str(v)).rjust(col))
         lines.append(label.ljust(width) + "".join(cells))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# the SIDs a report is made of (LETTER's shipped index, the catalog table)
+
+LETTER_CODES_PER_LEVEL = 256
+_LETTER_TOKEN = re.compile(r"<([a-z])_(\d+)>")
+
+
+def load_letter_sids(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """LETTER index ``{lcrec_id: ["<a_183>", "<b_70>", ...]}`` -> ``{lcrec_id: (183, 70, ...)}``."""
+    raw = json.loads(Path(path).read_text())
+    out = {}
+    for key, toks in raw.items():
+        codes = []
+        for level, tok in enumerate(toks):
+            m = _LETTER_TOKEN.fullmatch(tok)
+            if not m or m.group(1) != "abcdefgh"[level]:
+                raise ValueError(f"{path}: item {key}: bad LETTER token {tok!r} at level {level}")
+            codes.append(int(m.group(2)))
+        out[str(key)] = tuple(codes)
+    return out
+
+
+def letter_report(dataset_dir: str | Path) -> dict:
+    """Quality report of the LETTER Beauty SIDs (last LETTER level treated as the collision level)."""
+    sids = load_letter_sids(Path(dataset_dir) / "letter_sid" / "Beauty.index.json")
+    n_levels = len(next(iter(sids.values())))
+    return sid_report(list(sids.values()), [LETTER_CODES_PER_LEVEL] * n_levels)

@@ -47,7 +47,7 @@ def _champion(cfg: Config) -> tuple[str, Path] | None:
 
 def _parent(cfg: Config, stage, init_from: str | Path | None, previous: Path | None) -> dict[str, Any]:
     """Init weights of a stage: explicit dir, previous stage, champion, or the base model."""
-    from onerec_prod.model.cli import ensure_base_model
+    from onerec_prod.model.base import ensure_base_model
 
     if init_from:
         return {"dir": Path(init_from), "version": None, "kind": "explicit"}

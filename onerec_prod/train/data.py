@@ -11,16 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from onerec_prod.config import Config
+from onerec_prod.samples.export import ROW_FIELDS  # noqa: F401  (the one writer, re-exported)
+from onerec_prod.samples.export import write_sample_jsonl as write_rows_jsonl  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-ROW_FIELDS = ("sample_id", "task", "messages", "response", "sid_version", "dt", "loss_from")
 IGNORE_INDEX = -100
 
 
@@ -34,42 +34,6 @@ def _file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_rows_jsonl(rows: Iterable[dict[str, Any]], path: str | Path,
-                     extra_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``rows`` (sorted by dt, sample_id) to ``path`` atomically; return the manifest.
-
-    The manifest (also written to ``<path>.manifest.json``) holds row counts per task, the set of
-    sid_versions and the file's sha256.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean = []
-    for r in rows:
-        missing = [k for k in ("task", "messages", "response", "sid_version") if r.get(k) is None]
-        if missing:
-            raise ValueError(f"sample row {r.get('sample_id')!r} lacks {missing}")
-        clean.append({k: r.get(k) for k in ROW_FIELDS})
-    clean.sort(key=lambda r: (str(r["dt"]), str(r["sample_id"])))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        for r in clean:
-            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    tasks: dict[str, int] = {}
-    for r in clean:
-        tasks[r["task"]] = tasks.get(r["task"], 0) + 1
-    manifest = {
-        "path": str(path),
-        "rows": len(clean),
-        "tasks": dict(sorted(tasks.items())),
-        "sid_versions": sorted({r["sid_version"] for r in clean}),
-        "sha256": _file_sha256(path),
-        **(extra_manifest or {}),
-    }
-    Path(f"{path}.manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return manifest
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -91,12 +55,12 @@ def export_samples(cfg: Config, dt: str, tasks: Sequence[str], out_path: str | P
     """Write day ``dt``'s training mix of ``tasks`` to JSONL; return its manifest.
 
     One implementation of the mix for the whole project:
-    :func:`jobs.build_samples.export_training_mix` (the day's rows + with ``replay`` a seeded
+    :func:`onerec_prod.samples.export.export_training_mix` (the day's rows + with ``replay`` a seeded
     sample of the ``samples.replay_lookback_days`` days before, same sid_version, as
     :func:`onerec_prod.samples.mix.select_replay`), from one pinned Delta version recorded in the
     manifest as ``data_versions.samples``. The same inputs always give the same file.
     """
-    from jobs.build_samples import export_training_mix
+    from onerec_prod.samples.export import export_training_mix
     from onerec_prod.spark import get_spark
 
     export_training_mix(spark or get_spark(cfg.spark), dt, cfg, out_path, tasks=list(tasks), replay=replay)

@@ -257,7 +257,7 @@ def test_serve_cli_wires_a_pinned_model(served, monkeypatch):
     from fastapi.testclient import TestClient
 
     from onerec_prod import cli
-    from onerec_prod.serving import cli as serve_cli
+    from onerec_prod.serving import cli_serve as serve_cli
 
     cfg, model_dir = served
     got = {}

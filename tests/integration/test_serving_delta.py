@@ -51,7 +51,7 @@ def test_precompute_from_delta_is_idempotent(spark, make_cfg, beauty_items, tiny
 
     from onerec_prod import cli
     from onerec_prod.lake import read_table, table_path
-    from onerec_prod.serving import precompute_cli
+    from onerec_prod.serving import cli_precompute
     from onerec_prod.serving.precompute import export_root, latest_export, precompute
 
     cfg = make_cfg("serving.active_days=3")
@@ -63,7 +63,7 @@ def test_precompute_from_delta_is_idempotent(spark, make_cfg, beauty_items, tiny
 
     # through the CLI: onerec-prod precompute --date D --model DIR --model-version 4
     argv = ["precompute", "--date", DT, "--model", str(model_dir), "--model-version", "4"]
-    assert precompute_cli.main(cli.build_parser(argv).parse_args(argv), cfg) == 0
+    assert cli_precompute.main(cli.build_parser(argv).parse_args(argv), cfg) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["model_version"] == "4"
     assert (res["users"], res["skipped_users"], res["items"]) == (2, 1, 50)

@@ -99,8 +99,7 @@ def test_incremental_days_chain_by_hash(make_cfg, tiny_model_dir, samples, monke
 
 def test_plain_hf_dir_gets_sid_vocab(make_cfg, beauty_items, samples, tmp_path, monkeypatch):
     """A base dir without SID tokens (like a real Qwen3 dir) is expanded before training."""
-    from onerec_prod.model.base import build_model, train_tokenizer
-    from onerec_prod.model.cli import ensure_base_model
+    from onerec_prod.model.base import build_model, ensure_base_model, train_tokenizer
     from onerec_prod.model.io import load_tokenizer, save_model
     from onerec_prod.sid.tokens import SidVocab
 

@@ -1,4 +1,5 @@
-"""jobs/build_samples on tiny Delta tables: every task, eval exclusion, idempotent rerun, the mix."""
+"""jobs/build_samples on tiny Delta tables: every task, eval exclusion, idempotent rerun, and the
+training-mix export (onerec_prod.samples.export) over what it wrote."""
 
 from __future__ import annotations
 
@@ -155,10 +156,10 @@ def test_executor_path_builds_the_same_rows(spark, lake):
 
 
 def test_export_training_mix(spark, lake, tmp_path):
-    import jobs.build_samples as job
+    from onerec_prod.samples.export import export_training_mix
 
     cfg, _, _, _ = lake
-    out = job.export_training_mix(spark, D2, cfg, tmp_path / "mix.jsonl")
+    out = export_training_mix(spark, D2, cfg, tmp_path / "mix.jsonl")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     new = [r for r in rows if not r["replay"]]
     replay = [r for r in rows if r["replay"]]
@@ -172,7 +173,7 @@ def test_export_training_mix(spark, lake, tmp_path):
                          seed=cfg.samples.seed)
     assert sorted(r["sample_id"] for r in replay) == sorted(r["sample_id"] for r in pure)
     manifest = json.loads((tmp_path / "mix.jsonl.manifest.json").read_text())
-    again = job.export_training_mix(spark, D2, cfg, tmp_path / "again.jsonl")
+    again = export_training_mix(spark, D2, cfg, tmp_path / "again.jsonl")
     assert again.read_bytes() == out.read_bytes()
     assert manifest["rows"] == 68 and manifest["replay_rows"] == 23
 

@@ -226,3 +226,22 @@ def test_unknown_item_names_the_event(examples, items):
     del items["c"]
     with pytest.raises(KeyError, match="event e11: item 'c'"):
         builders.build_sid_rec_samples(examples, items, dt=DT, sid_version=V, max_history=10)
+
+
+def test_the_task_registry_drives_the_day(examples, items, monkeypatch):
+    assert builders.TASKS == tuple(builders.REGISTRY) and "rl_prompt" not in builders.SFT_TASKS
+    assert {t.source for t in builders.REGISTRY.values()} == set(builders.SOURCES)
+
+    def build_brand_samples(exs, its, *, dt, sid_version, max_history):  # a new per-example task
+        return [builders._row("brand", builders.sample_id("brand", e["event_id"]), [], its[e["target_item_id"]]
+                              ["title"], sid_version=sid_version, dt=dt) for e in exs]
+
+    monkeypatch.setitem(builders.REGISTRY, "brand", builders.SampleTask("brand", "examples", build_brand_samples))
+    day = _day(examples, items)
+    assert sorted(s["response"] for s in day if s["task"] == "brand") == sorted(
+        items[e["target_item_id"]]["title"] for e in examples)
+    # the executor path's entry point builds it too, per batch of examples
+    part = builders.build_source_samples("examples", examples[:2], items, dt=DT, sid_version=V, max_history=10)
+    assert {s["task"] for s in part} == {"seqrec", "sid_rec", "reasoning", "rl_prompt", "brand"}
+    with pytest.raises(ValueError, match="item selection"):
+        builders.SampleTask("bad", "items", build_brand_samples)

@@ -1,10 +1,10 @@
-"""Pure parts of jobs/build_samples: token-length estimate, percentiles, length stats."""
+"""Token lengths of sample rows (onerec_prod.samples.lengths): estimate, percentiles, per-task stats."""
 
 from __future__ import annotations
 
 import pytest
 
-from jobs.build_samples import estimate_tokens, percentile, token_length_stats
+from onerec_prod.samples.lengths import ESTIMATE_METHOD, estimate_tokens, percentile, token_length_stats
 from onerec_prod.samples.prompts import messages_to_json
 
 
@@ -33,14 +33,13 @@ def test_token_length_stats_estimate_per_task():
     assert token_length_stats(rows, dt="2014-01-01", seed=1, per_task=3)["t"]["n_measured"] == 3
 
 
-def test_token_length_stats_with_the_model_tokenizer(tiny_model_dir, make_cfg):
-    from jobs.build_samples import _length_tokenizer
+def test_token_length_stats_with_the_model_tokenizer(tiny_model_dir):
+    # the job reports the estimate (no tokenizer in the Spark job); a caller holding the model's
+    # tokenizer (the trainer) passes it for exact lengths
+    from onerec_prod.model.io import load_tokenizer
 
-    cfg = make_cfg()
-    tok, method = _length_tokenizer(cfg, tiny_model_dir)
-    assert method.startswith("tokenizer")
-    none, est = _length_tokenizer(cfg, None)  # no base model under the fresh var root
-    assert none is None and est.startswith("estimate")
+    assert ESTIMATE_METHOD.startswith("estimate")
+    tok = load_tokenizer(tiny_model_dir)
     rows = [{"sample_id": "s", "task": "sid_rec", "response": "<think>\n\n</think>\n\n<|sid_begin|>"
              "<s_a_1><s_b_2><s_c_3><s_d_0><|sid_end|>",
              "messages": messages_to_json([{"role": "user", "content": "hi"}])}]

@@ -279,7 +279,7 @@ def test_report_duplicates_empty_and_invalid():
 
 
 def test_letter_sids_report(beauty_dir):
-    from onerec_prod.sid.report_cli import letter_report, load_letter_sids
+    from onerec_prod.sid.report import letter_report, load_letter_sids
 
     sids = load_letter_sids(beauty_dir / "letter_sid" / "Beauty.index.json")
     assert len(sids) == 12101 and sids["0"] == (183, 70, 232, 6)
