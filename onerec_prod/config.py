@@ -119,6 +119,35 @@ class StorageCfg(_Group):
     dynamodb_table: str = Field("delta_log", description="DynamoDB table of the s3_dynamodb log store.")
 
 
+    def spark_s3a_conf(self) -> dict[str, str]:
+        """Spark settings for ``s3a://`` roots: the hadoop-aws package, endpoint, Delta's log store.
+
+        ``hadoop-aws`` must match the Hadoop that Spark bundles (``self.hadoop_aws_version``); it comes
+        through ``spark.jars.packages`` (resolved by Ivy, cached after the first session).
+        """
+        conf = {
+            "spark.jars.packages": f"org.apache.hadoop:hadoop-aws:{self.hadoop_aws_version}",
+            "spark.hadoop.fs.s3a.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
+            "spark.hadoop.fs.s3a.endpoint.region": self.s3_region,
+            "spark.hadoop.fs.s3a.path.style.access": str(self.s3_path_style).lower(),
+            # s3:// URIs given to Spark (MLflow's spelling) go to the same connector
+            "spark.hadoop.fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
+        }
+        if self.s3_endpoint_url:
+            conf["spark.hadoop.fs.s3a.endpoint"] = self.s3_endpoint_url
+            conf["spark.hadoop.fs.s3a.connection.ssl.enabled"] = str(
+                self.s3_endpoint_url.startswith("https")).lower()
+        if self.delta_log_store == "s3_dynamodb":
+            conf["spark.jars.packages"] += f",io.delta:delta-storage-s3-dynamodb:{self.delta_storage_version}"
+            conf["spark.delta.logStore.s3a.impl"] = "io.delta.storage.S3DynamoDBLogStore"
+            conf["spark.delta.logStore.s3.impl"] = "io.delta.storage.S3DynamoDBLogStore"
+            conf["spark.io.delta.storage.S3DynamoDBLogStore.ddb.tableName"] = self.dynamodb_table
+            conf["spark.io.delta.storage.S3DynamoDBLogStore.ddb.region"] = self.s3_region
+        else:  # one writing driver per table at a time: Delta's default S3 log store, stated explicitly
+            conf["spark.delta.logStore.s3a.impl"] = "io.delta.storage.S3SingleDriverLogStore"
+            conf["spark.delta.logStore.s3.impl"] = "io.delta.storage.S3SingleDriverLogStore"
+        return conf
+
 class SparkCfg(_Group):
     """Spark session settings (local mode tuned for 2 cores by default)."""
 
@@ -628,13 +657,11 @@ class Config(_Group):
             return data  # the main validation reports it
         if not paths.object_store_roots():
             return data
-        from onerec_prod.storage import spark_s3a_conf
-
         spark = dict(data.get("spark") or {})
         given = dict(spark.get("extra_conf") or {})
-        merged = {**spark_s3a_conf(store), **given}
+        merged = {**store.spark_s3a_conf(), **given}
         if "spark.jars.packages" in given:
-            pk = spark_s3a_conf(store)["spark.jars.packages"].split(",") + given["spark.jars.packages"].split(",")
+            pk = store.spark_s3a_conf()["spark.jars.packages"].split(",") + given["spark.jars.packages"].split(",")
             merged["spark.jars.packages"] = ",".join(dict.fromkeys(p.strip() for p in pk if p.strip()))
         spark["extra_conf"] = merged
         return {**data, "spark": spark}

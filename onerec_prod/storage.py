@@ -236,30 +236,7 @@ def child(base: str | Path, *parts: str) -> str | Path:
 
 
 def spark_s3a_conf(cfg: StorageCfg) -> dict[str, str]:
-    """Spark settings for ``s3a://`` roots: the hadoop-aws package, endpoint, Delta's log store.
+    """Spark settings for ``s3a://`` roots (see :meth:`onerec_prod.config.StorageCfg.spark_s3a_conf`)."""
+    return cfg.spark_s3a_conf()
 
-    ``hadoop-aws`` must match the Hadoop that Spark bundles (``cfg.hadoop_aws_version``); it comes
-    through ``spark.jars.packages`` (resolved by Ivy, cached after the first session).
-    """
-    conf = {
-        "spark.jars.packages": f"org.apache.hadoop:hadoop-aws:{cfg.hadoop_aws_version}",
-        "spark.hadoop.fs.s3a.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
-        "spark.hadoop.fs.s3a.endpoint.region": cfg.s3_region,
-        "spark.hadoop.fs.s3a.path.style.access": str(cfg.s3_path_style).lower(),
-        # s3:// URIs given to Spark (MLflow's spelling) go to the same connector
-        "spark.hadoop.fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
-    }
-    if cfg.s3_endpoint_url:
-        conf["spark.hadoop.fs.s3a.endpoint"] = cfg.s3_endpoint_url
-        conf["spark.hadoop.fs.s3a.connection.ssl.enabled"] = str(
-            cfg.s3_endpoint_url.startswith("https")).lower()
-    if cfg.delta_log_store == "s3_dynamodb":
-        conf["spark.jars.packages"] += f",io.delta:delta-storage-s3-dynamodb:{cfg.delta_storage_version}"
-        conf["spark.delta.logStore.s3a.impl"] = "io.delta.storage.S3DynamoDBLogStore"
-        conf["spark.delta.logStore.s3.impl"] = "io.delta.storage.S3DynamoDBLogStore"
-        conf["spark.io.delta.storage.S3DynamoDBLogStore.ddb.tableName"] = cfg.dynamodb_table
-        conf["spark.io.delta.storage.S3DynamoDBLogStore.ddb.region"] = cfg.s3_region
-    else:  # one writing driver per table at a time: Delta's default S3 log store, stated explicitly
-        conf["spark.delta.logStore.s3a.impl"] = "io.delta.storage.S3SingleDriverLogStore"
-        conf["spark.delta.logStore.s3.impl"] = "io.delta.storage.S3SingleDriverLogStore"
-    return conf
+
