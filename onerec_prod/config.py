@@ -185,8 +185,9 @@ class SamplesCfg(_Group):
     """Training samples and the daily mix."""
 
     max_history: int = Field(50, ge=1, description="Items of history in a prompt.")
-    rationale_source: Literal["category", "teacher"] = Field(
-        "category", description="Where RA rationales come from."
+    rationale_source: Literal["category", "evidence", "teacher"] = Field(
+        "category", description="Where RA rationales come from: category (one templated sentence), evidence "
+        "(data-derived: shared category path, recency, co-occurrence; no LLM), teacher (a local LLM)."
     )
     teacher_model_dir: str | None = Field(None, description="Teacher LLM dir for 'teacher'.")
     replay_fraction: float = Field(
