@@ -245,8 +245,9 @@ class SamplesCfg(_Group):
     """Training samples and the daily mix."""
 
     max_history: int = Field(50, ge=1, description="Items of history in a prompt.")
-    rationale_source: Literal["category", "teacher"] = Field(
-        "category", description="Where RA rationales come from."
+    rationale_source: Literal["category", "evidence", "teacher"] = Field(
+        "category", description="Where RA rationales come from: category (one templated sentence), evidence "
+        "(data-derived: shared category path, recency, co-occurrence; no LLM), teacher (a local LLM)."
     )
     teacher_model_dir: str | None = Field(None, description="Teacher LLM dir for 'teacher'.")
     replay_fraction: float = Field(
@@ -302,8 +303,23 @@ class TrainCfg(_Group):
 class GrpoCfg(_Group):
     """RL refresh with GRPO and the Rollout-Beam reward."""
 
-    group_size: int = Field(4, ge=2, description="Rollouts per prompt (G).")
-    beam_size: int = Field(10, ge=1, description="Beam of the SID part of a rollout.")
+    mode: Literal["direct", "think"] = Field(
+        "direct", description="direct: the group is the G best distinct SIDs of one constrained beam over the "
+        "user's SID stream (the serving path); think: G sampled rationales, each followed by a SID beam "
+        "scored by the Rollout-Beam reward."
+    )
+    group_size: int = Field(4, ge=2, description="Rollouts per prompt (G); in direct mode the beam width.")
+    beam_size: int = Field(10, ge=1, description="Think mode: beam of final SIDs after each rationale.")
+    reward_hit: float = Field(1.0, ge=0, description="Weight of the hit term (direct: candidate == target; "
+                              "think: 1/log2(rank+2) of the target in the beam).")
+    reward_rank: float = Field(0.0, ge=0, description="Direct mode: penalty 1/log2(rank+2) of a wrong candidate "
+                               "(rank-aware: groups carry signal without a hit).")
+    scale_advantages: bool = Field(
+        True, description="Divide group advantages by the group's reward std (GRPO); False: r - mean only, so "
+        "small reward differences (a light rank term) give small gradients instead of unit-scale ones."
+    )
+    reward_prefix: float = Field(0.5, ge=0, description="Partial credit: matched leading SID levels / L "
+                                 "(direct: the candidate; think: the best of the beam).")
     prompts_per_step: int = Field(4, ge=1, description="Prompts per optimisation step.")
     steps: int = Field(10, ge=1, description="Optimisation steps per day.")
     lr: float = Field(1e-5, gt=0, description="Learning rate.")

@@ -209,6 +209,59 @@ def _search_batch(model, prompts, trie: SidTrie, vocab: SidVocab, beam_size: int
 # think mode: free rationale first
 
 
+def think_stop_ids(tokenizer) -> list[int]:
+    """Ids that end a rationale: ``</think>``, then EOS when the tokenizer has one."""
+    think_end = tokenizer.convert_tokens_to_ids(THINK_END)
+    if think_end is None or think_end == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer has no {THINK_END!r} token: think mode needs a reasoning tokenizer")
+    return [int(think_end)] + ([int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else [])
+
+
+def sample_rationale_ids(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    do_sample: bool = False,
+    seed: int = 0,
+    *,
+    batch_size: int = 16,
+    min_new_tokens: int = 0,
+) -> list[list[int]]:
+    """Generated ids after each open ``<think>`` prompt, cut after the first stop token.
+
+    The ids include the stop token when the model wrote one (RL rewards read it: a closed think
+    block). ``min_new_tokens`` suppresses the stop tokens before that many tokens (exploration for
+    a policy that closes its think block at once). Sampling is seeded with ``seed``; the global
+    RNG state is restored afterwards.
+    """
+    import torch
+
+    stops = think_stop_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
+    dev = _device(model)
+    gen: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "eos_token_id": stops, "pad_token_id": pad_id,
+                           "do_sample": bool(do_sample)}
+    if min_new_tokens > 0:
+        gen["min_new_tokens"] = min(int(min_new_tokens), int(max_new_tokens))
+    if do_sample:
+        gen.update(temperature=float(temperature), top_p=1.0, top_k=0)
+    else:
+        gen.update(temperature=None, top_p=None, top_k=None)
+    out: list[list[int]] = []
+    devices = [dev] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+        torch.manual_seed(seed)
+        for lo in range(0, len(prompts), batch_size):
+            ids, attn, _ = _left_pad(prompts[lo: lo + batch_size], pad_id, dev)
+            seq = model.generate(input_ids=ids, attention_mask=attn, **gen)
+            for row in seq[:, ids.shape[1]:].tolist():
+                cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
+                out.append([int(t) for t in row[:cut]])
+    return out
+
+
 def generate_rationales(
     model,
     tokenizer,
@@ -227,31 +280,10 @@ def generate_rationales(
     ``inference_prompt_ids(tok, messages, think=True, rationale=text)`` for the SID search.
     Sampling is seeded with ``seed`` (the global RNG state is restored afterwards).
     """
-    import torch
-
-    think_end = tokenizer.convert_tokens_to_ids(THINK_END)
-    if think_end is None or think_end == tokenizer.unk_token_id:
-        raise ValueError(f"tokenizer has no {THINK_END!r} token: think mode needs a reasoning tokenizer")
-    stops = [int(think_end)] + ([int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else [])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
-    dev = _device(model)
-    gen: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "eos_token_id": stops, "pad_token_id": pad_id,
-                           "do_sample": bool(do_sample)}
-    if do_sample:
-        gen.update(temperature=float(temperature), top_p=1.0, top_k=0)
-    else:
-        gen.update(temperature=None, top_p=None, top_k=None)
-    texts: list[str] = []
-    devices = [dev] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode():
-        torch.manual_seed(seed)
-        for lo in range(0, len(prompts), batch_size):
-            ids, attn, _ = _left_pad(prompts[lo: lo + batch_size], pad_id, dev)
-            seq = model.generate(input_ids=ids, attention_mask=attn, **gen)
-            for row in seq[:, ids.shape[1]:].tolist():
-                cut = next((j for j, t in enumerate(row) if t in stops), len(row))
-                texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-    return texts
+    stops = set(think_stop_ids(tokenizer))
+    ids = sample_rationale_ids(model, tokenizer, prompts, max_new_tokens, temperature, do_sample, seed,
+                               batch_size=batch_size)
+    return [tokenizer.decode([t for t in row if t not in stops], skip_special_tokens=True).strip() for row in ids]
 
 
 class Recommendations(NamedTuple):

@@ -12,6 +12,13 @@ from the *full, noisy* history. Here:
 - ``category`` (:class:`CategoryRationale`): deterministic phrasing of the pruned context with
   ``templates.RATIONALE_CATEGORY``; it may name the target's leaf category (the rationale explains
   the label, as in the paper's RA data construction). No randomness.
+- ``evidence`` (:class:`EvidenceRationale`): a data-derived teacher that needs no LLM. It writes
+  short, item-specific rationales from three signals of the pruned context: the deepest category
+  path the target shares with the history (and how many history items sit under it), recency
+  (the most recent related item and how many purchases ago it was), and co-occurrence (how often,
+  in this batch of samples, users whose history holds the related item's leaf category went on
+  to the target's leaf category; the request's own pair is not counted). Every clause names
+  concrete items, paths and counts, so two users rarely get the same text.
 - ``teacher`` (:class:`TeacherRationale`): a larger local causal LM prompted with the pruned
   context through ``templates.TEACHER_PROMPT``, greedy batched generation; falls back to the
   category phrasing when the context is empty or the teacher says nothing usable.
@@ -133,6 +140,104 @@ class CategoryRationale:
 
     def rationales(self, requests: Sequence[RationaleRequest]) -> list[str]:
         return [self.rationale(r) for r in requests]
+
+
+def category_path(categories: str | None) -> tuple[str, ...]:
+    """``'A > B > C'`` -> ``('A', 'B', 'C')`` (empty parts dropped)."""
+    return tuple(p.strip() for p in (categories or "").split(">") if p.strip())
+
+
+def shared_path(a: Sequence[str], b: Sequence[str]) -> tuple[str, ...]:
+    """Longest common leading part of two category paths.
+
+    >>> shared_path(("Beauty", "Skin", "Face"), ("Beauty", "Skin", "Body"))
+    ('Beauty', 'Skin')
+    """
+    out = []
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        out.append(x)
+    return tuple(out)
+
+
+class EvidenceRationale:
+    """Data-derived rationale (no LLM): shared category path, recency, co-occurrence.
+
+    ``rationales(requests)`` first counts, over the batch, which leaf categories of a history
+    lead to which target leaf categories (each history leaf counted once per request); a request's
+    co-occurrence share excludes its own pair. Sentences (each only when its evidence exists):
+
+    1. path: ``N of the last M items are in <shared path>`` (the deepest path the target shares
+       with any history item, and how many history items are under it);
+    2. recency: ``the most recent related one, "<title>" (<leaf>), was K purchases ago``
+       (related = :func:`prune_context`'s ranking, the most recent of its top items);
+    3. co-occurrence: ``buyers of <leaf> go on to <target leaf> in P% of cases`` (the history
+       leaf with the highest share, with at least ``min_support`` pairs);
+    4. the conclusion: ``next: <target path tail>``.
+    """
+
+    name = "evidence"
+
+    def __init__(self, context_items: int = DEFAULT_CONTEXT_ITEMS, min_support: int = 3) -> None:
+        self.context_items = context_items
+        self.min_support = min_support
+
+    @staticmethod
+    def _leaves(history: Sequence[dict[str, Any]]) -> set[str]:
+        return {leaf_category(h.get("categories")) for h in history}
+
+    def _counts(self, requests: Sequence[RationaleRequest]):
+        from collections import Counter
+
+        pair: Counter = Counter()
+        src: Counter = Counter()
+        for r in requests:
+            t = leaf_category(r.target.get("categories"))
+            for leaf in self._leaves(r.history):
+                src[leaf] += 1
+                pair[(leaf, t)] += 1
+        return pair, src
+
+    def rationale(self, request: RationaleRequest, pair=None, src=None) -> str:
+        hist = list(request.history)
+        tpath = category_path(request.target.get("categories"))
+        tleaf = leaf_category(request.target.get("categories"))
+        parts = []
+        best: tuple[str, ...] = ()
+        for h in hist:
+            sp = shared_path(category_path(h.get("categories")), tpath)
+            if len(sp) > len(best):
+                best = sp
+        if best:
+            under = sum(category_path(h.get("categories"))[: len(best)] == best for h in hist)
+            parts.append(f"{under} of the last {len(hist)} items are in {' > '.join(best[-2:])}")
+        related = prune_context(hist, request.target, self.context_items)
+        if related:
+            pos = {id(h): i for i, h in enumerate(hist)}
+            recent = max(related, key=lambda h: pos.get(id(h), -1))
+            ago = len(hist) - pos.get(id(recent), len(hist) - 1)
+            parts.append(f'the most recent related one, "{short_title(recent.get("title"), 6)}" '
+                         f"({leaf_category(recent.get('categories'))}), was {ago} purchase{'s' if ago > 1 else ''} ago")
+        if pair is not None and src is not None:
+            shares = []
+            for leaf in self._leaves(hist):
+                n_src = src[leaf] - 1                      # leave this request out
+                n_pair = pair[(leaf, tleaf)] - 1
+                if n_src >= self.min_support and n_pair > 0:
+                    shares.append((n_pair / n_src, leaf))
+            if shares:
+                p, leaf = max(shares)
+                parts.append(f"buyers of {leaf} go on to {tleaf} in {round(100 * p)}% of cases")
+        if not parts:
+            return RATIONALE_FALLBACK.format(category=tleaf)
+        tail = " > ".join(tpath[-2:]) if tpath else tleaf
+        text = "; ".join(parts)
+        return text[0].upper() + text[1:] + f". Next: {tail}."
+
+    def rationales(self, requests: Sequence[RationaleRequest]) -> list[str]:
+        pair, src = self._counts(requests)
+        return [self.rationale(r, pair, src) for r in requests]
 
 
 _TAG_RE = re.compile(r"<think>.*?</think>|</?think>|<\|[^|>]*\|>|<s_[a-h]_\d+>", re.S)
@@ -270,8 +375,13 @@ def _teacher_from_cfg(samples_cfg) -> RationaleSource:
     )
 
 
+def _evidence_from_cfg(samples_cfg) -> RationaleSource:
+    return EvidenceRationale(getattr(samples_cfg, "rationale_context_items", DEFAULT_CONTEXT_ITEMS))
+
+
 RATIONALE_SOURCES: dict[str, Callable[[Any], RationaleSource]] = {
     "category": _category_from_cfg,
+    "evidence": _evidence_from_cfg,
     "teacher": _teacher_from_cfg,
 }
 

@@ -1,46 +1,47 @@
-"""RL refresh: a small GRPO loop with two-stage rollouts and the Rollout-Beam reward.
+"""RL refresh (GRPO): the loop, the day's inputs and the multi-process driver.
 
-Why not ``trl.GRPOTrainer``: its generate path has no logits-processor hook (only
-``GenerationConfig`` fields), and a rollout here is two-stage: a sampled rationale, then the SID
-by trie-constrained beam search (:func:`onerec_prod.eval.beam.beam_search_sids`, the same decoder
-as eval and serving). TRL's experimental ``rollout_func`` could host that, but it is marked
-experimental and hides the per-token masks we need (forced tokens are not trained), so this
-module is a ~300-line loop on plain transformers + torch that we own end to end. The reward
-functions keep TRL's signature (:mod:`onerec_prod.train.rewards`), so they move over unchanged.
+The pieces live in three modules: rollouts (:mod:`onerec_prod.train.grpo_rollout`: groups of G
+distinct candidates from :mod:`onerec_prod.eval.beam`), loss terms as pure functions
+(:mod:`onerec_prod.train.grpo_loss`: token log-probs, group advantages, clipped policy loss with
+KL to the SFT reference) and rewards on token ids (:mod:`onerec_prod.train.rewards`). This module
+composes them: :func:`grpo_step` (one step on one process), :func:`train_grpo` (the in-process
+loop with checkpoints via :mod:`onerec_prod.train.checkpoint`) and :func:`rl_day` (the daily
+stage: inputs from Delta or JSONL, before/after eval on held-out prompts, workers when asked).
+
+Why not ``trl.GRPOTrainer``: a rollout here is a constrained beam over the SID trie (direct mode)
+or a sampled rationale followed by one (think mode); TRL's generate path has no logits-processor
+hook and hides the per-token masks (forced tokens are not trained). The reward functions keep
+TRL's signature, so they move over unchanged.
 
 One step (``grpo.*`` config):
 
-1. ``prompts_per_step`` prompts (seeded order over the day's ``rl_prompt`` rows), each repeated
-   ``group_size`` times (G rollouts).
-2. Rollout: sample a rationale after ``<think>\\n`` (``temperature``, ``max_think_tokens``, stop at
-   ``</think>`` / end of turn); force ``\\n</think>\\n\\n``; then a trie-constrained beam search
-   (``beam_size``) of the SID. Reward = weighted sum of reward functions; by default the
-   Rollout-Beam reward (max over the beam of the leading SID levels matching the target, 0..L)
-   plus ``format_reward`` x think-format (the model closed ``</think>`` itself).
-3. Advantages normalised per group: ``(r - mean) / (std + 1e-4)``.
-4. Loss on the sampled tokens only (rationale ids + the top beam's SID level tokens; the forced
-   close and ``<|sid_begin|>`` are masked): per token ``-min(ratio A, clip(ratio, 1-eps, 1+eps) A)
-   + kl_coef * k3`` with ``ratio = exp(logp - logp_old)`` (old = rollout-time policy) and
-   ``k3 = exp(ref - logp) - (ref - logp) - 1`` against the frozen SFT model; mean over a
-   sequence's tokens, then over sequences. ``iterations`` AdamW updates per rollout batch
-   (with 1, ratio == 1 and the clip is inactive, as in TRL's default).
+1. ``prompts_per_step`` prompts (seeded per-epoch order over the day's prompts);
+2. rollouts (``grpo.mode``): direct -- one beam of ``group_size`` over the user's SID stream, the
+   G distinct candidates are the group; think -- G sampled rationales, each then a beam of
+   ``beam_size`` final SIDs;
+3. rewards (:class:`~onerec_prod.train.rewards.RecReward`: hit, rank-aware and prefix terms,
+   weights ``reward_*``; plus ``format_reward`` x think-format in think mode); advantages
+   ``(r - mean_g) / (std_g + 1e-4)`` per group; the share of groups with reward variance (the
+   only ones with a gradient) is logged as ``signal_groups``;
+4. loss on the policy's own tokens only (the candidate's SID level tokens; in think mode also the
+   rationale; forced ``</think>`` and ``<|sid_begin|>`` masked): per token
+   ``-min(ratio A, clip(ratio) A) + kl_coef * k3``, mean per sequence, mean over sequences;
+   ``iterations`` AdamW updates per rollout batch (with 1, ratio == 1).
 
-Logged per step: reward mean/std, KL, hit-rate (Rollout-Beam reward == L), loss, clip fraction.
-Checkpoints (``save_steps``) hold the model (safetensors) and the optimizer + curve
-(:func:`onerec_prod.model.io.save_tree`); a rerun with the same inputs resumes from the latest.
-Every step reseeds from ``(seed, step)``, so a resumed run repeats the same rollouts.
+Why beam candidates rather than samples as the group: see :mod:`onerec_prod.train.grpo_rollout`.
+The gradient of a beam group is not the on-policy estimator (candidates are the policy's top G,
+not draws), but it is the signal that moves a peaked policy: the target's log-prob up when it is
+in the beam, the confident wrong candidates' down (as MiniOneRec's beam-group RL).
 
-Scale: with ``grpo.nproc == 1`` and ``grpo.zero_stage == 0`` (the default) the loop runs in this
-process (CPU or one GPU, plain AdamW). Otherwise :func:`rl_day` writes a JSON spec and starts
-``grpo.nproc`` torchrun workers through :mod:`onerec_prod.train.launcher`, like the SFT step
-(:mod:`onerec_prod.train.grpo_worker`): gloo on CPU / nccl on GPU, the policy wrapped by
-``deepspeed.initialize`` (ZeRO-1/2 from the SFT template, bf16 on GPU), rank r taking prompts
-r::nproc of each step; both paths run the same :func:`grpo_step`, the step's metrics are
-all-reduced, rank 0 writes checkpoints (safetensors; per-rank optimizer shards) and the final
-model, and a rerun resumes from the latest checkpoint. The parent evaluates before/after
-in-process as in the single-process case. Not implemented: vLLM (or any batched-server)
-rollouts -- generation is HF ``generate`` + our beam on each rank -- ZeRO-3 (rollouts need
-whole weights) and multi-node GRPO (``grpo.nproc`` is processes on one node).
+Logged per step: reward mean/std, hit-rate (target in the group's beam), Rollout-Beam reward
+(matched leading levels, 0..L), signal groups, KL, loss, clip fraction, seconds. Checkpoints
+(``save_steps``) hold the model (safetensors) and the optimizer + curve; a rerun with the same
+inputs resumes from the latest; every step reseeds from ``(seed, step)``.
+
+Scale: ``grpo.nproc == 1`` and ``grpo.zero_stage == 0`` (default): this process. Otherwise
+:func:`rl_day` starts ``grpo.nproc`` torchrun workers (:mod:`onerec_prod.train.grpo_worker`,
+DeepSpeed ZeRO-1/2) that run the same :func:`grpo_step` on ``r::nproc`` of each step's prompts.
+Not implemented: vLLM rollouts, ZeRO-3 (rollouts need whole weights), multi-node GRPO.
 """
 
 from __future__ import annotations
@@ -58,194 +59,24 @@ from pathlib import Path
 from typing import Any
 
 from onerec_prod.config import Config, GrpoCfg
+from onerec_prod.train import checkpoint
+from onerec_prod.train.grpo_loss import (
+    group_advantages,
+    mask_tensor,
+    policy_loss,
+    shared_prompt_logps,
+    signal_groups,
+    token_logps,
+)
+from onerec_prod.train.grpo_rollout import RlPrompt, Rollouts, rollout, score
+
+__all__ = ["RlPrompt", "Rollouts", "rollout", "score", "train_grpo", "grpo_step", "rl_day", "evaluate_prompts"]
 
 log = logging.getLogger(__name__)
 
-THINK_END = "</think>"
-ADV_EPS = 1e-4
 CKPT_PREFIX = "step-"
 STATE_FILE = "grpo_state.safetensors"
 MAX_GRAD_NORM = 1.0
-
-
-@dataclass
-class RlPrompt:
-    """One RL prompt: chat messages and the target SID codes."""
-
-    sample_id: str
-    messages: list[dict[str, str]]
-    target_sid: tuple[int, ...]
-
-
-@dataclass
-class Rollouts:
-    """A batch of rollouts (one entry per rollout; prompts repeated G times)."""
-
-    prompt_ids: list[list[int]]        # prompt up to and including "<think>\n"
-    think_ids: list[list[int]]         # sampled ids (rationale, then the stop token if any)
-    completion: list[list[int]]        # ids after prompt_ids: rationale, forced close, SID
-    train_mask: list[list[int]]        # 1 on sampled tokens (rationale + SID levels)
-    beams: list[list[list[int]]]       # beam as SID token-id sequences, best first
-    texts: list[str]                   # rationale text
-    targets: list[tuple[int, ...]]
-
-
-# --------------------------------------------------------------------------------------
-# rollouts
-
-
-def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device):
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _stop_ids(tok) -> list[int]:
-    think_end = tok.convert_tokens_to_ids(THINK_END)
-    if think_end is None or think_end == tok.unk_token_id:
-        raise ValueError(f"tokenizer has no {THINK_END!r} token: GRPO rollouts need a reasoning tokenizer")
-    stops = [int(think_end)]
-    if tok.eos_token_id is not None:
-        stops.append(int(tok.eos_token_id))
-    return stops
-
-
-def sample_rationales(model, tok, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                      do_sample: bool, seed: int, batch_size: int = 32, min_new_tokens: int = 0) -> list[list[int]]:
-    """Generated ids after each prompt, cut after the first stop token (``</think>`` / EOS).
-
-    ``min_new_tokens``: the stop tokens are suppressed before that many tokens (exploration for a
-    policy that learned to close its think block at once, whose G rollouts would all coincide).
-    """
-    import torch
-
-    stops = _stop_ids(tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[-1]
-    dev = next(model.parameters()).device
-    gen: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "eos_token_id": stops,
-                           "pad_token_id": pad, "do_sample": bool(do_sample)}
-    if min_new_tokens > 0:
-        gen["min_new_tokens"] = min(int(min_new_tokens), int(max_new_tokens))
-    if do_sample:
-        gen.update(temperature=float(temperature), top_p=1.0, top_k=0)
-    else:
-        gen.update(temperature=None, top_p=None, top_k=None)
-    out: list[list[int]] = []
-    devices = [dev] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode():
-        torch.manual_seed(seed)
-        for lo in range(0, len(prompts), batch_size):
-            ids, attn = _left_pad(prompts[lo: lo + batch_size], pad, dev)
-            seq = model.generate(input_ids=ids, attention_mask=attn, **gen)
-            for row in seq[:, ids.shape[1]:].tolist():
-                cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
-                out.append([int(t) for t in row[:cut]])
-    return out
-
-
-def rollout(model, tok, prompts: Sequence[RlPrompt], trie, vocab, gcfg: GrpoCfg, *, group: int,
-            seed: int, greedy: bool = False) -> Rollouts:
-    """``group`` rollouts per prompt: sampled (or greedy) rationale, then constrained SID beam."""
-    from onerec_prod.eval.beam import beam_search_sids
-    from onerec_prod.samples.prompts import inference_prompt_ids
-    from onerec_prod.samples.templates import THINK_CLOSE
-
-    stops = set(_stop_ids(tok))
-    close_ids = tok(THINK_CLOSE, add_special_tokens=False)["input_ids"]
-    rep = [p for p in prompts for _ in range(group)]
-    open_ids = [inference_prompt_ids(tok, p.messages, think=True) for p in rep]
-    think = sample_rationales(model, tok, open_ids, gcfg.max_think_tokens, gcfg.temperature,
-                              min_new_tokens=0 if greedy else gcfg.min_think_tokens,
-                              do_sample=not greedy, seed=seed)
-    rationale = [[t for t in ids if t not in stops] for ids in think]
-    sid_prompts = [o + r + close_ids for o, r in zip(open_ids, rationale, strict=True)]
-    found = beam_search_sids(model, sid_prompts, trie, vocab, gcfg.beam_size)
-    completion, mask, beams = [], [], []
-    for r, per in zip(rationale, found, strict=True):
-        beam = [vocab.encode(codes) for codes, _ in per]
-        top = beam[0][:-1] if beam else [vocab.begin_id]  # begin + level tokens (no end)
-        completion.append(r + close_ids + top)
-        mask.append([1] * len(r) + [0] * len(close_ids) + [0] + [1] * (len(top) - 1))
-        beams.append(beam)
-    texts = [tok.decode(r, skip_special_tokens=True).strip() for r in rationale]
-    return Rollouts(open_ids, think, completion, mask, beams, texts, [p.target_sid for p in rep])
-
-
-# --------------------------------------------------------------------------------------
-# loss
-
-
-def token_logps(model, prompt_ids: Sequence[Sequence[int]], completion: Sequence[Sequence[int]],
-                pad_id: int):
-    """``(logp, width)``: per-token log-probs of each completion (right-padded, ``(B, C)``)."""
-    import torch
-
-    dev = next(model.parameters()).device
-    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion, strict=True)]
-    width = max(len(s) for s in seqs)
-    cw = max(len(c) for c in completion)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-    ids, attn = ids.to(dev), attn.to(dev)
-    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-    rows = []
-    for i, (p, c) in enumerate(zip(prompt_ids, completion, strict=True)):
-        lo, n = len(p), len(c)
-        lg = logits[i, lo - 1: lo - 1 + n].float()
-        rows.append((i, n, torch.log_softmax(lg, -1).gather(1, ids[i, lo: lo + n, None]).squeeze(1)))
-    return torch.stack([torch.nn.functional.pad(r, (0, cw - n)) for _, n, r in rows])
-
-
-def _mask_tensor(masks: Sequence[Sequence[int]], device):
-    import torch
-
-    cw = max(len(m) for m in masks)
-    t = torch.zeros((len(masks), cw), device=device)
-    for i, m in enumerate(masks):
-        t[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
-    return t
-
-
-def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps: float, kl_coef: float):
-    """GRPO loss per sequence ``(B,)`` and token stats; all inputs ``(B, C)`` except ``adv (B,)``."""
-    import torch
-
-    ratio = torch.exp(logp - old_logp)
-    a = adv[:, None]
-    surr = torch.minimum(ratio * a, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a)
-    per_tok = -surr
-    if ref_logp is not None:
-        d = ref_logp - logp
-        kl = torch.exp(d) - d - 1
-        per_tok = per_tok + kl_coef * kl
-    else:
-        kl = torch.zeros_like(logp)
-    n = mask.sum(1).clamp(min=1)
-    seq_loss = (per_tok * mask).sum(1) / n
-    clipped = ((ratio - 1).abs() > clip_eps).float()
-    stats = {"kl": float(((kl * mask).sum() / mask.sum().clamp(min=1)).detach()),
-             "clip_frac": float(((clipped * mask).sum() / mask.sum().clamp(min=1)).detach())}
-    return seq_loss, stats
-
-
-def group_advantages(rewards, group: int):
-    """``(r - mean_g) / (std_g + eps)`` per group of ``group`` consecutive rollouts."""
-    r = rewards.view(-1, group)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + ADV_EPS)).view(-1)
-
-
-# --------------------------------------------------------------------------------------
-# the loop
-
 
 RewardSpec = tuple[Callable[..., list], float]
 
@@ -257,51 +88,18 @@ class GrpoResult:
     resumed_from: int = 0
 
 
-def score(rewards: Sequence[RewardSpec], ro: Rollouts) -> list[float]:
-    """Weighted sum of the reward functions (a ``None`` counts as 0)."""
-    total = [0.0] * len(ro.texts)
-    for fn, w in rewards:
-        vals = fn(ro.texts, completion_ids=ro.think_ids, beam_ids=ro.beams, target_sid=ro.targets)
-        total = [t + w * (v or 0.0) for t, v in zip(total, vals, strict=True)]
-    return total
-
-
 def step_prompts(n: int, per_step: int, step: int, seed: int) -> list[int]:
     """Indices of step ``step``'s prompts: consecutive slices of seeded per-epoch permutations."""
     out = []
+    perms: dict[int, list[int]] = {}
     for k in range(step * per_step, (step + 1) * per_step):
         epoch, j = divmod(k, n)
-        perm = list(range(n))
-        random.Random(f"{seed}:{epoch}").shuffle(perm)
-        out.append(perm[j])
+        if epoch not in perms:
+            perm = list(range(n))
+            random.Random(f"{seed}:{epoch}").shuffle(perm)
+            perms[epoch] = perm
+        out.append(perms[epoch][j])
     return out
-
-
-def _latest_ckpt(ckpt_dir: Path) -> Path | None:
-    if not ckpt_dir.is_dir():
-        return None
-    done = [p for p in ckpt_dir.glob(f"{CKPT_PREFIX}*") if p.name[len(CKPT_PREFIX):].isdigit()
-            and (p / STATE_FILE).exists()]
-    return max(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]), default=None)
-
-
-def _load_weights(policy, ckpt: Path) -> None:
-    """Checkpoint weights (safetensors) into ``policy`` (tied ``lm_head`` may be absent)."""
-    from safetensors.torch import load_file
-
-    weights = {}
-    for f in sorted(ckpt.glob("model*.safetensors")):
-        weights.update(load_file(str(f)))
-    missing, _ = policy.load_state_dict(weights, strict=False)
-    if [k for k in missing if "lm_head" not in k]:
-        raise RuntimeError(f"checkpoint {ckpt} lacks weights {missing[:3]}")
-    policy.tie_weights()
-
-
-def _prune_ckpts(ckpt: Path, keep: Path) -> None:
-    for old_d in ckpt.glob(f"{CKPT_PREFIX}*"):
-        if old_d != keep:
-            shutil.rmtree(old_d, ignore_errors=True)
 
 
 def rollout_seed(gcfg: GrpoCfg, step: int, rank: int = 0) -> int:
@@ -314,19 +112,34 @@ def rank_share(idx: Sequence[int], rank: int, world: int) -> list[int]:
     return list(idx[rank::world])
 
 
-def _chunks(n: int, micro_batch: int, count: int | None = None) -> list[list[int]]:
-    """Micro-batches of ``range(n)``: slices of ``micro_batch``, or ``count`` near-equal slices."""
+def latest_ckpt(ckpt_dir: Path) -> Path | None:
+    return checkpoint.latest(ckpt_dir, CKPT_PREFIX, STATE_FILE)
+
+
+def split_chunks(units: list[list[int]], micro_batch: int, count: int | None = None) -> list[list[int]]:
+    """Micro-batches of rollout indices, never splitting a unit (a direct-mode group shares one
+    prompt forward): greedy fill up to ``micro_batch`` rollouts, or ``count`` near-equal runs of units."""
     if count is None:
-        return [list(range(lo, min(lo + micro_batch, n))) for lo in range(0, n, micro_batch)]
-    if not 1 <= count <= n:
-        raise ValueError(f"cannot split {n} rollouts into {count} micro-batches")
-    q, rem = divmod(n, count)
+        out: list[list[int]] = [[]]
+        for u in units:
+            if out[-1] and len(out[-1]) + len(u) > micro_batch:
+                out.append([])
+            out[-1].extend(u)
+        return [c for c in out if c]
+    if not 1 <= count <= len(units):
+        raise ValueError(f"cannot split {len(units)} rollout units into {count} micro-batches")
+    q, rem = divmod(len(units), count)
     out, lo = [], 0
     for k in range(count):
         hi = lo + q + (k < rem)
-        out.append(list(range(lo, hi)))
+        out.append([i for u in units[lo:hi] for i in u])
         lo = hi
     return out
+
+
+def chunk_units(gcfg: GrpoCfg) -> int:
+    """Rollouts per indivisible unit of a micro-batch: a group in direct mode, one rollout in think."""
+    return gcfg.group_size if gcfg.mode == "direct" else 1
 
 
 class LocalUpdate:
@@ -353,9 +166,19 @@ SUM_KEYS = ("n", "reward_sum", "reward_sq", "beam_sum", "hits", "kl_sum", "kl_n"
             "loss", "think_closed", "groups", "signal_groups")
 
 
+def _logps(model, ro: Rollouts, ix: list[int], pad: int):
+    if ro.shared_prompt:
+        owners = sorted({ro.group[i] for i in ix})
+        pos = {g: k for k, g in enumerate(owners)}
+        return shared_prompt_logps(model, [ro.prompts[g] for g in owners], [ro.completion[i] for i in ix],
+                                   [pos[ro.group[i]] for i in ix], pad)
+    return token_logps(model, [ro.prompt_ids[i] for i in ix], [ro.completion[i] for i in ix], pad)
+
+
 def grpo_step(policy, ref, tok, batch: Sequence[RlPrompt], trie, vocab, gcfg: GrpoCfg,
               rewards: Sequence[RewardSpec], update, *, seed: int, n_total: int | None = None,
-              world: int = 1, micro_batch: int = 16, n_chunks: int | None = None) -> dict[str, float]:
+              world: int = 1, micro_batch: int = 16, n_chunks: int | None = None,
+              max_items: int = 50) -> dict[str, float]:
     """One GRPO step on this process's ``batch``: rollouts, rewards, ``gcfg.iterations`` updates.
 
     ``policy`` rolls out (and gives the old log-probs); ``update.model`` is what the loss is
@@ -366,31 +189,35 @@ def grpo_step(policy, ref, tok, batch: Sequence[RlPrompt], trie, vocab, gcfg: Gr
     """
     import torch
 
+    from onerec_prod.eval.beam import think_stop_ids
     from onerec_prod.train.rewards import get_rollout_beam_reward
 
-    G, L = gcfg.group_size, vocab.num_levels
-    think_end = _stop_ids(tok)[0]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else _stop_ids(tok)[-1]
+    L = vocab.num_levels
+    stops = think_stop_ids(tok) if gcfg.mode == "think" else []
+    pad = tok.pad_token_id if tok.pad_token_id is not None else vocab.begin_id
     policy.eval()  # no dropout: rollout-time and update-time log-probs agree
-    ro = rollout(policy, tok, batch, trie, vocab, gcfg, group=G, seed=seed)
+    ro = rollout(policy, tok, batch, trie, vocab, gcfg, seed=seed, max_items=max_items)
     r = torch.tensor(score(rewards, ro), dtype=torch.float32)
     beam_r = get_rollout_beam_reward(vocab)(ro.texts, beam_ids=ro.beams, target_sid=ro.targets)
-    adv = group_advantages(r, G)
-    n = len(ro.texts)
+    adv = group_advantages(r, ro.group, gcfg.scale_advantages)
+    sig, n_groups = signal_groups(r, ro.group)
+    n = len(ro.completion)
     n_total = n_total or n
-    chunks = _chunks(n, micro_batch, n_chunks)
+    units: dict[int, list[int]] = {}
+    for i, g in enumerate(ro.group):
+        units.setdefault(g if ro.shared_prompt else i, []).append(i)
+    chunks = split_chunks(list(units.values()), micro_batch, n_chunks)
     old, refs = [], []
     with torch.no_grad():
         for ix in chunks:
-            args = ([ro.prompt_ids[i] for i in ix], [ro.completion[i] for i in ix], pad)
-            old.append(token_logps(policy, *args) if gcfg.iterations > 1 else None)
-            refs.append(token_logps(ref, *args) if ref is not None and gcfg.kl_coef > 0 else None)
+            old.append(_logps(policy, ro, ix, pad) if gcfg.iterations > 1 else None)
+            refs.append(_logps(ref, ro, ix, pad) if ref is not None and gcfg.kl_coef > 0 else None)
     tot_loss, kls, clips = 0.0, [], []
     for _ in range(gcfg.iterations):
         update.begin()
         for ci, ix in enumerate(chunks):
-            logp = token_logps(update.model, [ro.prompt_ids[i] for i in ix], [ro.completion[i] for i in ix], pad)
-            mask = _mask_tensor([ro.train_mask[i] for i in ix], logp.device)
+            logp = _logps(update.model, ro, ix, pad)
+            mask = mask_tensor([ro.train_mask[i] for i in ix], logp.device)
             o = old[ci] if old[ci] is not None else logp.detach()
             seq_loss, st = policy_loss(logp, o, refs[ci], adv[ix].to(logp.device), mask,
                                        gcfg.clip_eps, gcfg.kl_coef)
@@ -405,9 +232,8 @@ def grpo_step(policy, ref, tok, batch: Sequence[RlPrompt], trie, vocab, gcfg: Gr
         "beam_sum": float(sum(beam_r)), "hits": float(sum(v == L for v in beam_r)),
         "kl_sum": float(sum(kls)), "kl_n": float(len(kls)),
         "clip_sum": float(sum(clips)), "clip_n": float(len(clips)), "loss": tot_loss,
-        "think_closed": float(sum(bool(t) and t[-1] == think_end for t in ro.think_ids)),
-        # groups whose rollouts got different rewards: only they carry a gradient (GRPO's signal)
-        "groups": float(n // G), "signal_groups": float((r.view(-1, G).std(1) > 0).sum()) if G > 1 else 0.0,
+        "think_closed": float(sum(bool(t) and t[-1] == stops[0] for t in ro.think_ids)) if stops else 0.0,
+        "groups": float(n_groups), "signal_groups": float(sig),
     }
 
 
@@ -442,11 +268,13 @@ def ckpt_due(gcfg: GrpoCfg, step: int) -> bool:
 
 def train_grpo(policy, ref, tok, prompts: Sequence[RlPrompt], trie, vocab, gcfg: GrpoCfg,
                rewards: Sequence[RewardSpec], *, ckpt_dir: str | Path | None = None,
-               meta: dict[str, Any] | None = None, micro_batch: int = 16) -> GrpoResult:
+               meta: dict[str, Any] | None = None, micro_batch: int = 16, max_items: int = 50,
+               on_step: Callable[[int, Any], dict[str, float] | None] | None = None) -> GrpoResult:
     """Run ``gcfg.steps`` GRPO steps on ``policy`` (in place, this process); ``ref`` frozen (None: no KL).
 
     With ``ckpt_dir``, resumes from its latest ``step-N`` and checkpoints every
-    ``gcfg.save_steps`` steps. Returns the policy and the per-step curve.
+    ``gcfg.save_steps`` steps. ``on_step(step, policy)`` (benches) may return extra figures for
+    the step's curve entry (e.g. a validation metric) and ``stop: True`` to end the run there. Returns the policy and the per-step curve.
     """
     import torch
 
@@ -459,13 +287,13 @@ def train_grpo(policy, ref, tok, prompts: Sequence[RlPrompt], trie, vocab, gcfg:
     curve: list[dict[str, float]] = []
     start = 0
     ckpt = Path(ckpt_dir) if ckpt_dir else None
-    last = _latest_ckpt(ckpt) if ckpt else None
+    last = latest_ckpt(ckpt) if ckpt else None
     if last is not None:
         state = load_tree(last / STATE_FILE)
-        if "optimizer" not in state:
+        if int(state.get("world_size", 1)) != 1 or checkpoint.optimizer_shards(last) != 1:
             raise RuntimeError(f"checkpoint {last} was written by a multi-process run")
-        _load_weights(policy, last)
-        opt.load_state_dict(state["optimizer"])
+        checkpoint.load_weights(policy, last)
+        checkpoint.load_optimizer(last, 0, opt)
         curve, start = list(state["curve"]), int(state["step"])
         log.info("GRPO: resuming from %s (step %d)", last, start)
     if ref is not None:
@@ -475,28 +303,56 @@ def train_grpo(policy, ref, tok, prompts: Sequence[RlPrompt], trie, vocab, gcfg:
         t0 = time.perf_counter()
         batch = [prompts[i] for i in step_prompts(len(prompts), gcfg.prompts_per_step, step, gcfg.seed)]
         sums = grpo_step(policy, ref, tok, batch, trie, vocab, gcfg, rewards, update,
-                         seed=rollout_seed(gcfg, step), micro_batch=micro_batch)
+                         seed=rollout_seed(gcfg, step), micro_batch=micro_batch, max_items=max_items)
         m = step_metrics(sums, step, time.perf_counter() - t0)
+        extra = dict(on_step(step, policy) or {}) if on_step is not None else {}
+        stop = bool(extra.pop("stop", False))
+        m.update(extra)
         curve.append(m)
         log_step(m, gcfg.steps)
         if ckpt is not None and ckpt_due(gcfg, step):
             d = save_model(policy, tok, ckpt / f"{CKPT_PREFIX}{step + 1}", {**(meta or {}), "grpo_step": step + 1})
-            save_tree({"step": step + 1, "optimizer": opt.state_dict(), "curve": curve}, d / STATE_FILE)
-            _prune_ckpts(ckpt, d)
+            checkpoint.save_optimizer(d, 0, opt)
+            save_tree({"step": step + 1, "curve": curve, "world_size": 1}, d / STATE_FILE)
+            checkpoint.prune(ckpt, CKPT_PREFIX, d)
+        if stop:
+            log.info("GRPO: stopped by the caller after step %d", step + 1)
+            break
     policy.eval()
     return GrpoResult(policy, curve, start)
 
 
-def evaluate_prompts(model, tok, prompts: Sequence[RlPrompt], trie, vocab, gcfg: GrpoCfg) -> dict[str, float]:
-    """Greedy rationale + beam on ``prompts``: mean Rollout-Beam reward and hit-rate (reward == L)."""
-    from onerec_prod.train.rewards import get_rollout_beam_reward
+def evaluate_prompts(model, tok, prompts: Sequence[RlPrompt], trie, vocab, gcfg: GrpoCfg, *,
+                     beam: int = 10, max_items: int = 50) -> dict[str, float]:
+    """Recall/NDCG@``beam`` of ``prompts``' targets in ``gcfg.mode`` (think: greedy rationale),
+    plus the mean Rollout-Beam reward (matched leading levels of the best beam entry, 0..L)."""
+    from onerec_prod.train.grpo_rollout import direct_rollout, think_rollout
+    from onerec_prod.train.rewards import get_rollout_beam_reward, prefix_match, rank_gain
 
     if not prompts:
-        return {"beam_reward_mean": float("nan"), "hit_rate": float("nan"), "prompts": 0}
-    ro = rollout(model, tok, prompts, trie, vocab, gcfg, group=1, seed=gcfg.seed, greedy=True)
-    r = get_rollout_beam_reward(vocab)(ro.texts, beam_ids=ro.beams, target_sid=ro.targets)
-    return {"beam_reward_mean": sum(r) / len(r), "hit_rate": sum(v == vocab.num_levels for v in r) / len(r),
-            "prompts": len(r)}
+        return {"recall": float("nan"), "ndcg": float("nan"), "beam_reward_mean": float("nan"),
+                "hit_rate": float("nan"), "prompts": 0, "beam": beam}
+    if gcfg.mode == "direct":
+        ro = direct_rollout(model, prompts, trie, vocab, group=beam, max_items=max_items)
+        firsts = {}
+        for i, g in enumerate(ro.group):
+            firsts.setdefault(g, i)
+        beams = [ro.beams[firsts[g]] if g in firsts else [] for g in range(len(prompts))]
+    else:
+        ro = think_rollout(model, tok, prompts, trie, vocab, group=1, beam_size=beam,
+                           max_think_tokens=gcfg.max_think_tokens, temperature=1.0, min_think_tokens=0,
+                           seed=gcfg.seed, greedy=True)
+        beams = ro.beams
+    targets = [p.target_sid for p in prompts]
+    L = vocab.num_levels
+    ranks = [next((k for k, s in enumerate(b) if prefix_match(s, t, vocab) == L), None)
+             for b, t in zip(beams, targets, strict=True)]
+    r = get_rollout_beam_reward(vocab)([""] * len(beams), beam_ids=beams, target_sid=targets)
+    n = len(prompts)
+    return {"recall": sum(k is not None for k in ranks) / n,
+            "ndcg": sum(rank_gain(k) for k in ranks if k is not None) / n,
+            "beam_reward_mean": sum(r) / n, "hit_rate": sum(k is not None for k in ranks) / n,
+            "prompts": n, "beam": beam}
 
 
 # --------------------------------------------------------------------------------------
@@ -578,15 +434,30 @@ def _digest(obj: Any) -> str:
 
 
 def default_rewards(tok, vocab, gcfg: GrpoCfg) -> list[RewardSpec]:
-    """Rollout-Beam reward, plus ``format_reward`` x think-format when that weight is > 0."""
+    """The recommendation reward (hit, rank-aware, prefix terms with the ``reward_*`` weights),
+    plus ``format_reward`` x think-format in think mode when that weight is > 0."""
+    from onerec_prod.eval.beam import think_stop_ids
     from onerec_prod.train.rewards import get_reward
 
-    out: list[RewardSpec] = [(get_reward("rollout_beam", vocab=vocab), 1.0)]
-    if gcfg.format_reward > 0:
+    out: list[RewardSpec] = [(get_reward("rec", vocab=vocab, hit=gcfg.reward_hit, rank=gcfg.reward_rank,
+                                         prefix=gcfg.reward_prefix), 1.0)]
+    if gcfg.mode == "think" and gcfg.format_reward > 0:
         blank = [i for t, i in tok.get_vocab().items() if tok.convert_tokens_to_string([t]).strip() == ""]
-        out.append((get_reward("think_format", think_end_id=_stop_ids(tok)[0], blank_ids=blank),
+        out.append((get_reward("think_format", think_end_id=think_stop_ids(tok)[0], blank_ids=blank),
                     gcfg.format_reward))
     return out
+
+
+def split_eval(prompts: Sequence[RlPrompt], n_eval: int, seed: int) -> tuple[list[RlPrompt], list[RlPrompt], bool]:
+    """``(train, eval, held_out)``: a seeded sample of ``n_eval`` prompts held out of training when
+    at least as many remain to train on; else every prompt trains and the eval set overlaps it."""
+    n_eval = min(n_eval, len(prompts))
+    pick = set(random.Random(seed).sample(range(len(prompts)), n_eval))
+    ev = [p for i, p in enumerate(prompts) if i in pick]
+    tr = [p for i, p in enumerate(prompts) if i not in pick]
+    if len(tr) >= max(n_eval, 1):
+        return tr, ev, True
+    return list(prompts), ev, False
 
 
 WORKER_MODULE = "onerec_prod.train.grpo_worker"
@@ -594,16 +465,19 @@ RESULT_FILE = "result.json"
 
 
 def write_prompts(prompts: Sequence[RlPrompt], path: Path) -> Path:
-    """``prompts`` as JSONL (``sample_id, messages, target_sid``), the workers' input."""
+    """``prompts`` as JSONL (``sample_id, messages, target_sid, history_sids``), the workers' input."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"sample_id": p.sample_id, "messages": p.messages,
-                                        "target_sid": list(p.target_sid)}) + "\n" for p in prompts))
+                                        "target_sid": list(p.target_sid),
+                                        "history_sids": [list(s) for s in p.history_sids]}) + "\n"
+                            for p in prompts))
     return path
 
 
 def read_prompts(path: str | Path) -> list[RlPrompt]:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [RlPrompt(r["sample_id"], r["messages"], tuple(int(c) for c in r["target_sid"])) for r in rows]
+    return [RlPrompt(r["sample_id"], r["messages"], tuple(int(c) for c in r["target_sid"]),
+                     [tuple(s) for s in r.get("history_sids") or []]) for r in rows]
 
 
 def _train_workers(cfg: Config, init: Path, work: Path, ckpt: Path, prompts: Sequence[RlPrompt],
@@ -651,9 +525,12 @@ def rl_day(cfg: Config, dt: str, init_from: str | Path | None = None, out_dir: s
            force: bool = False, fault: dict[str, Any] | None = None) -> dict[str, Any]:
     """GRPO refresh of day ``dt``'s SFT candidate into ``candidates/dt=D/rl``.
 
-    Returns ``{model_dir, steps, reward_curve, before, after, prompts, resumed_from}``
-    (``before``/``after``: greedy Rollout-Beam reward and hit-rate on up to
-    ``grpo.eval_prompts`` of the day's prompts). Re-running with the same inputs is a no-op.
+    Returns ``{model_dir, mode, steps, reward_curve, before, after, prompts, train_prompts,
+    eval_held_out, signal_groups, resumed_from, seconds}``: ``before``/``after`` are :func:`evaluate_prompts` (Recall/NDCG at
+    ``eval.beam_size``, Rollout-Beam reward) on ``grpo.eval_prompts`` of the day's prompts, held out
+    of training when there are enough; ``reward_curve`` one entry per step
+    (:func:`step_metrics`); ``signal_groups`` the mean share of groups with signal. Re-running with
+    the same inputs is a no-op.
     ``grpo.nproc > 1`` or ``grpo.zero_stage > 0``: the steps run on torchrun workers (DeepSpeed);
     ``fault`` (tests, chaos drills) goes to them, e.g. ``{"kill_at_step": 1}`` makes rank 0
     SIGKILL itself after step 1 (and its checkpoint, if one is due).
@@ -701,9 +578,12 @@ def rl_day(cfg: Config, dt: str, init_from: str | Path | None = None, out_dir: s
     tok = load_tokenizer(init)
     vocab = SidVocab.from_tokenizer(tok, sizes)
     policy = load_model(init)
-    eval_set = [prompts[i] for i in sorted(random.Random(gcfg.seed).sample(range(len(prompts)),
-                                                                          min(gcfg.eval_prompts, len(prompts))))]
-    before = evaluate_prompts(policy, tok, eval_set, trie, vocab, gcfg)
+    t_start = time.perf_counter()
+    max_items = cfg.samples.max_history
+    n_day = len(prompts)
+    prompts, eval_set, held_out = split_eval(prompts, gcfg.eval_prompts, gcfg.seed)
+    ev = {"beam": cfg.eval.beam_size, "max_items": max_items}
+    before = evaluate_prompts(policy, tok, eval_set, trie, vocab, gcfg, **ev)
     ckpt = keyed_checkpoint_dir(work / "checkpoints", key, force=force)
     meta = {
         "dt": dt, "stage": "rl", "sid_version": sid_version, "sid_sizes": sizes,
@@ -719,14 +599,15 @@ def rl_day(cfg: Config, dt: str, init_from: str | Path | None = None, out_dir: s
     else:
         ref = load_model(init) if gcfg.kl_coef > 0 else None
         res = train_grpo(policy, ref, tok, prompts, trie, vocab, gcfg, default_rewards(tok, vocab, gcfg),
-                         ckpt_dir=ckpt, meta=meta)
-    after = evaluate_prompts(res.model, tok, eval_set, trie, vocab, gcfg)
-    summary = {"steps": gcfg.steps, "prompts": len(prompts), "reward_curve": res.curve,
-               "before": before, "after": after, "resumed_from": res.resumed_from,
-               "catalog_items": trie.num_items}
+                         ckpt_dir=ckpt, meta=meta, max_items=max_items)
+    after = evaluate_prompts(res.model, tok, eval_set, trie, vocab, gcfg, **ev)
+    summary = {"mode": gcfg.mode, "steps": gcfg.steps, "prompts": n_day, "train_prompts": len(prompts),
+               "reward_curve": res.curve,
+               "before": before, "after": after, "eval_held_out": held_out, "resumed_from": res.resumed_from,
+               "signal_groups": (sum(c["signal_groups"] for c in res.curve) / len(res.curve)) if res.curve else 0.0,
+               "catalog_items": trie.num_items, "seconds": round(time.perf_counter() - t_start, 1)}
     save_model(res.model, tok, out, {**meta, "rl": summary})
     shutil.rmtree(work, ignore_errors=True)
-    log.info("rl dt=%s: beam reward %.3f -> %.3f, hit-rate %.3f -> %.3f (%d eval prompts) -> %s", dt,
-             before["beam_reward_mean"], after["beam_reward_mean"], before["hit_rate"], after["hit_rate"],
-             before["prompts"], out)
+    log.info("rl dt=%s (%s): recall@%d %.3f -> %.3f, ndcg %.3f -> %.3f (%d eval prompts) -> %s", dt, gcfg.mode,
+             before["beam"], before["recall"], after["recall"], before["ndcg"], after["ndcg"], before["prompts"], out)
     return {**summary, "model_dir": str(out)}

@@ -38,17 +38,25 @@ from pathlib import Path
 from typing import Any
 
 from onerec_prod.config import Config, ConfigError
+from onerec_prod.train import checkpoint
+from onerec_prod.train.distributed import (
+    RankEnv,
+    all_reduce_sums,
+    barrier,
+    build_ds_config,
+    cleanup,
+    init_distributed,
+)
 from onerec_prod.train.grpo import (
     CKPT_PREFIX,
     MAX_GRAD_NORM,
     RESULT_FILE,
     STATE_FILE,
-    _latest_ckpt,
-    _load_weights,
-    _prune_ckpts,
+    chunk_units,
     ckpt_due,
     default_rewards,
     grpo_step,
+    latest_ckpt,
     log_step,
     rank_share,
     read_prompts,
@@ -69,8 +77,6 @@ def build_grpo_ds_config(cfg: Config, bf16: bool, micro_batch: int, grad_accum: 
     ``grad_accum`` = micro-batches per update on every rank. ``zero_stage: 0`` = data parallel
     without ZeRO (fp32).
     """
-    from onerec_prod.train.sft import build_ds_config
-
     zero = cfg.grpo.zero_stage
     if zero > 2:
         raise ConfigError(f"grpo.zero_stage={zero}: rollouts need whole weights (ZeRO <= 2)")
@@ -119,10 +125,8 @@ class GrpoRun:
         self.spec = spec
         self.cfg = Config.model_validate(spec["config"])
         self.gcfg = self.cfg.grpo
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.is_main = self.rank == 0
+        self.env = RankEnv.from_env()
+        self.rank, self.world, self.is_main = self.env.rank, self.env.world, self.env.is_main
         self.ckpt = Path(spec["ckpt_dir"])
         self.curve: list[dict[str, float]] = []
         self.start = 0
@@ -135,18 +139,9 @@ class GrpoRun:
         from onerec_prod.model.io import load_model, load_tokenizer
         from onerec_prod.sid.tokens import SidVocab
         from onerec_prod.sid.trie import SidTrie
-        from onerec_prod.train.sft import _skip_shm_comm_build
 
         g = self.gcfg
-        self.on_gpu = torch.cuda.is_available() and not self.spec.get("force_cpu", False)
-        backend = "nccl" if self.on_gpu else "gloo"
-        if self.on_gpu:
-            torch.cuda.set_device(self.local_rank)
-            self.device = torch.device("cuda", self.local_rank)
-        else:
-            _skip_shm_comm_build()
-            self.device = torch.device("cpu")
-        deepspeed.init_distributed(dist_backend=backend)
+        self.device, self.on_gpu = init_distributed(self.env, force_cpu=self.spec.get("force_cpu", False))
         bf16 = self.on_gpu and g.zero_stage > 0
         if self.world != g.nproc and self.is_main:
             log.warning("GRPO: %d processes but grpo.nproc=%d", self.world, g.nproc)
@@ -166,13 +161,16 @@ class GrpoRun:
         if g.kl_coef > 0:
             self.ref = load_model(init, device=str(self.device), dtype=torch.bfloat16 if bf16 else torch.float32)
             self.ref.eval().requires_grad_(False)
-        self.last = _latest_ckpt(self.ckpt)
+        self.last = latest_ckpt(self.ckpt)
         if self.last is not None:
-            _load_weights(policy, self.last)
+            checkpoint.load_weights(policy, self.last)
         # every rank runs the same number of micro-batches (collectives of ZeRO's gradient
         # reduction must pair up): enough for the largest share, the smaller shares split finer
+        # (a direct-mode group is never split: it shares one prompt forward)
+        unit = chunk_units(g)
         biggest = math.ceil(g.prompts_per_step / self.world) * g.group_size
-        self.n_chunks = math.ceil(biggest / MICRO_BATCH)
+        smallest_units = (g.prompts_per_step // self.world) * (g.group_size // unit)
+        self.n_chunks = max(1, min(math.ceil(biggest / MICRO_BATCH), smallest_units))
         ds = build_grpo_ds_config(self.cfg, bf16, MICRO_BATCH, self.n_chunks, self.world)
         opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=g.lr, weight_decay=0.0)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=policy, optimizer=opt, config=ds)
@@ -183,40 +181,15 @@ class GrpoRun:
                      self.world, g.zero_stage, "bf16" if bf16 else "fp32", len(self.prompts), self.n_chunks,
                      json.dumps(g.model_dump(), sort_keys=True))
 
-    # ---- optimizer state (safetensors, no pickle)
-    def _opt_state(self) -> dict[str, Any]:
-        e, opt = self.engine, self.optimizer
-        state: dict[str, Any] = {"engine": {"global_steps": e.global_steps, "global_samples": e.global_samples,
-                                            "skipped_steps": e.skipped_steps}}
-        if self.gcfg.zero_stage > 0:
-            state["base"] = opt.optimizer.state_dict()
-            state["fp32"] = list(opt.single_partition_of_fp32_groups)
-        else:
-            state["base"] = opt.state_dict()
-        return state
-
+    # ---- optimizer state (safetensors, no pickle): train.checkpoint
     def _load_state(self, ckpt: Path) -> None:
-        import torch
-
         from onerec_prod.model.io import load_tree
 
-        saved = sorted(ckpt.glob("optimizer_rank*.safetensors"))
-        if len(saved) != self.world:
-            raise RuntimeError(f"checkpoint {ckpt} holds {len(saved)} optimizer shards, this run has "
+        saved = checkpoint.optimizer_shards(ckpt)
+        if saved != self.world:
+            raise RuntimeError(f"checkpoint {ckpt} holds {saved} optimizer shards, this run has "
                                f"{self.world} processes")
-        st = load_tree(ckpt / f"optimizer_rank{self.rank}.safetensors")
-        e, opt = self.engine, self.optimizer
-        if self.gcfg.zero_stage > 0:
-            opt.optimizer.load_state_dict(st["base"])
-            with torch.no_grad():
-                for cur, val in zip(opt.single_partition_of_fp32_groups, st["fp32"], strict=True):
-                    cur.copy_(val)
-            opt.update_lp_params()  # fp32 master partitions -> model weights on every rank
-        else:
-            opt.load_state_dict(st["base"])
-        e.global_steps = st["engine"]["global_steps"]
-        e.global_samples = st["engine"]["global_samples"]
-        e.skipped_steps = st["engine"]["skipped_steps"]
+        checkpoint.load_optimizer(ckpt, self.rank, self.optimizer, self.engine)
         state = load_tree(ckpt / STATE_FILE)
         if int(state.get("world_size", -1)) != self.world:
             raise RuntimeError(f"checkpoint {ckpt} is not of a {self.world}-process run")
@@ -226,31 +199,20 @@ class GrpoRun:
 
     def _checkpoint(self, step: int) -> None:
         """Collective: model by rank 0, optimizer shard by every rank, then the state file."""
-        import torch.distributed as dist
-
         from onerec_prod.model.io import save_model, save_tree
 
         d = self.ckpt / f"{CKPT_PREFIX}{step}"
         if self.is_main:
             save_model(self.engine.module, self.tok, d, {**self.spec.get("meta", {}), "grpo_step": step})
-        dist.barrier()
-        save_tree(self._opt_state(), d / f"optimizer_rank{self.rank}.safetensors")
-        dist.barrier()
+        barrier()
+        checkpoint.save_optimizer(d, self.rank, self.optimizer, self.engine)
+        barrier()
         if self.is_main:
             save_tree({"step": step, "curve": self.curve, "world_size": self.world,
                        "zero_stage": self.gcfg.zero_stage}, d / STATE_FILE)
-            _prune_ckpts(self.ckpt, d)
+            checkpoint.prune(self.ckpt, CKPT_PREFIX, d)
 
     # ---- train
-    def _all_reduce(self, sums: dict[str, float]) -> dict[str, float]:
-        import torch
-        import torch.distributed as dist
-
-        keys = sorted(sums)
-        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return dict(zip(keys, t.tolist(), strict=True))
-
     def train(self) -> None:
         g = self.gcfg
         update = EngineUpdate(self.engine)
@@ -262,8 +224,8 @@ class GrpoRun:
             sums = grpo_step(self.engine.module, self.ref, self.tok, batch, self.trie, self.vocab, g,
                              self.rewards, update, seed=rollout_seed(g, step, self.rank),
                              n_total=len(idx) * g.group_size, world=self.world, micro_batch=MICRO_BATCH,
-                             n_chunks=self.n_chunks)
-            m = step_metrics(self._all_reduce(sums), step, time.perf_counter() - t0)
+                             n_chunks=self.n_chunks, max_items=self.cfg.samples.max_history)
+            m = step_metrics(all_reduce_sums(sums, self.device), step, time.perf_counter() - t0)
             self.curve.append(m)
             if self.is_main:
                 log_step(m, g.steps)
@@ -275,8 +237,6 @@ class GrpoRun:
 
     # ---- save
     def save(self) -> None:
-        import torch.distributed as dist
-
         from onerec_prod.model.io import save_model
 
         if self.is_main:
@@ -286,17 +246,11 @@ class GrpoRun:
             result = {"run_key": self.spec.get("run_key"), "curve": self.curve,
                       "resumed_from": self.start, "world_size": self.world}
             Path(self.spec["work_dir"], RESULT_FILE).write_text(json.dumps(result))
-        dist.barrier()
+        barrier()
 
     # ---- cleanup
     def cleanup(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            try:
-                dist.barrier()
-            finally:
-                dist.destroy_process_group()
+        cleanup()
 
 
 def run_spec(spec: dict[str, Any]) -> None:

@@ -9,6 +9,16 @@ factory and :func:`get_reward` raises with the valid names on an unknown one.
   beam of the number of leading SID levels that match the target (``0..L``).
 - ``think_format``: 1.0 for a well-formed think block: at least ``min_tokens`` non-blank rationale
   tokens, then ``</think>`` (exactly once), else 0.0.
+- ``rec``: the reward of the RL refresh (:class:`RecReward`), in two readings:
+
+  * direct mode (a rollout is one of the G distinct candidates of a constrained beam, at rank
+    ``k``): ``hit x [candidate == target] + prefix x matched_levels / L
+    - rank x [candidate != target] / log2(k + 2)``. The rank term is the rank-aware part: a wrong
+    candidate costs more the higher it sits (it takes a slot the target needs), so groups carry
+    signal even when no candidate hits;
+  * think mode (Rollout-Beam, the OneRec-Think paper: a rollout is a rationale followed by a beam
+    of final SIDs): ``hit x 1 / log2(k + 2)`` when the target is at rank ``k`` of that beam (0 when
+    absent) ``+ prefix x (max matched levels over the beam) / L``.
 
 Why ids: decoding with ``skip_special_tokens=True`` drops the SID markers, and a decoded string
 can be re-tokenized differently; the token ids are what the policy produced.
@@ -16,6 +26,7 @@ can be re-tokenized differently; the token ids are what the policy produced.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -156,9 +167,66 @@ def get_think_format_reward(think_end_id: int, blank_ids: Sequence[int] = (),
     return ThinkFormatReward(think_end_id, blank_ids, min_tokens)
 
 
+def rank_gain(rank: int) -> float:
+    """DCG gain of rank ``rank`` (0-based): ``1 / log2(rank + 2)``.
+
+    >>> rank_gain(0), round(rank_gain(2), 3)
+    (1.0, 0.5)
+    """
+    return 1.0 / math.log2(rank + 2)
+
+
+class RecReward:
+    """Reward of a recommendation rollout (picklable); build with :func:`get_rec_reward`.
+
+    Call as ``reward(completions, beam_ids=..., target_sid=..., own_rank=...)``: per rollout the
+    beam (SID token-id sequences, best first) and, in direct mode, the rank of the rollout's own
+    candidate in it (``own_rank[i]`` None or ``own_rank`` None: the Rollout-Beam reading).
+    """
+
+    __name__ = "rec"
+
+    def __init__(self, vocab: SidVocab, hit: float = 1.0, rank: float = 0.0, prefix: float = 0.0):
+        self.vocab, self.hit, self.rank, self.prefix = vocab, float(hit), float(rank), float(prefix)
+
+    def one(self, beam: Sequence[Sequence[int]], target: Sequence[int], own: int | None) -> float:
+        """Reward of one rollout (see the module docstring).
+
+        >>> v = SidVocab(begin_id=1, end_id=2, level_ids=((10, 11), (20, 21)))
+        >>> r = get_rec_reward(v, hit=1.0, rank=0.5, prefix=0.5)
+        >>> beam = [[1, 11, 21], [1, 11, 20]]
+        >>> r.one(beam, (1, 0), own=1), r.one(beam, (1, 0), own=0), round(r.one(beam, (1, 0), own=None), 3)
+        (1.5, -0.25, 1.131)
+        """
+        levels = self.vocab.num_levels
+        match = [prefix_match(seq, target, self.vocab) for seq in beam]
+        if own is not None:
+            m = match[own]
+            hit = m == levels
+            return self.hit * hit + self.prefix * m / levels - (0.0 if hit else self.rank * rank_gain(own))
+        at = next((k for k, m in enumerate(match) if m == levels), None)
+        return (self.hit * (rank_gain(at) if at is not None else 0.0)
+                + self.prefix * max(match, default=0) / levels)
+
+    def __call__(self, completions, beam_ids=None, target_sid=None, own_rank=None, **kwargs) -> list[float | None]:
+        if beam_ids is None or target_sid is None:
+            raise ValueError("rec reward needs beam_ids and target_sid")
+        if not (len(beam_ids) == len(target_sid) == len(completions)):
+            raise ValueError(f"rec: {len(completions)} completions, {len(beam_ids)} beams, {len(target_sid)} targets")
+        owns = own_rank if own_rank is not None else [None] * len(beam_ids)
+        return [None if t is None else self.one(_as_beam(b), t, o)
+                for b, t, o in zip(beam_ids, target_sid, owns, strict=True)]
+
+
+def get_rec_reward(vocab: SidVocab, hit: float = 1.0, rank: float = 0.0, prefix: float = 0.0) -> RecReward:
+    """Factory of the recommendation reward (weights of the hit, rank-aware and prefix terms)."""
+    return RecReward(vocab, hit, rank, prefix)
+
+
 REWARDS: dict[str, Callable[..., RewardFn]] = {
     "rollout_beam": get_rollout_beam_reward,
     "think_format": get_think_format_reward,
+    "rec": get_rec_reward,
 }
 
 
@@ -168,7 +236,7 @@ def get_reward(name: str, **params: Any) -> RewardFn:
     >>> get_reward("nope")
     Traceback (most recent call last):
     ...
-    KeyError: "unknown reward 'nope' (valid: rollout_beam, think_format)"
+    KeyError: "unknown reward 'nope' (valid: rollout_beam, think_format, rec)"
     """
     try:
         factory = REWARDS[name]

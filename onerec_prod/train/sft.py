@@ -19,7 +19,6 @@ Each training process runs :func:`run_spec` on a JSON spec written by the driver
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -29,9 +28,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from onerec_prod.config import REPO_ROOT, Config, ConfigError, TrainCfg
+from onerec_prod.config import Config, ConfigError
+from onerec_prod.train import checkpoint
+from onerec_prod.train.distributed import (  # noqa: F401 (build_ds_config re-exported)
+    RankEnv,
+    build_ds_config,
+    cleanup,
+    skip_shm_comm_build,
+)
 from onerec_prod.train.stages import (  # noqa: F401 (re-exported: the stage API)
     STAGES_DIR,
     StageCfg,
@@ -45,52 +49,13 @@ log = logging.getLogger(__name__)
 CKPT_PREFIX = "checkpoint-"
 
 
-def build_ds_config(tcfg: TrainCfg, bf16: bool) -> dict[str, Any] | None:
-    """DeepSpeed config dict for the HF Trainer (None when ``zero_stage == 0``)."""
-    if tcfg.zero_stage == 0:
-        return None
-    path = Path(tcfg.deepspeed_config)
-    path = path if path.is_absolute() else REPO_ROOT / path
-    if not path.exists():
-        raise ConfigError(f"train.deepspeed_config: {path} does not exist")
-    tpl = yaml.safe_load(path.read_text())
-    by_stage = {int(k): v for k, v in (tpl.get("zero_by_stage") or {}).items()}
-    if tcfg.zero_stage not in by_stage:
-        raise ConfigError(
-            f"train.zero_stage={tcfg.zero_stage}: {path} has no zero_by_stage block for it "
-            f"(has {sorted(by_stage)})"
-        )
-    ds = copy.deepcopy(tpl.get("common") or {})
-    ds["zero_optimization"] = copy.deepcopy(by_stage[tcfg.zero_stage])
-    ds["bf16"] = {"enabled": bool(bf16)}
-    return ds
-
-
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     """Newest complete ``checkpoint-N`` (``trainer_state.json`` is written last) or None."""
-    d = Path(ckpt_dir)
-    if not d.is_dir():
-        return None
-    done = [p for p in d.glob(f"{CKPT_PREFIX}*") if p.name[len(CKPT_PREFIX):].isdigit()
-            and (p / "trainer_state.json").exists()]
-    return max(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]), default=None)
+    return checkpoint.latest(ckpt_dir, CKPT_PREFIX, "trainer_state.json")
 
 
 # --------------------------------------------------------------------------------------
 # the training process
-
-
-def _skip_shm_comm_build() -> None:
-    """Do not JIT-build DeepSpeed's shared-memory comm op on CPU.
-
-    DeepSpeed's torch backend compiles ``deepspeed_shm_comm`` (~2 min with the C++ compiler)
-    whenever it is created on the CPU accelerator. The op only serves ``inference_all_reduce``
-    (tensor-parallel inference); ZeRO training all-reduces through torch.distributed (gloo), so
-    the op is never used here. Marking it incompatible makes ``build_shm_op`` return None.
-    """
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 class _Progress:
@@ -158,13 +123,7 @@ def _make_trainer_cls():
     bit for bit. ZeRO-3 keeps DeepSpeed's own partitioned checkpoint format (documented
     exception: written and read only by the same run).
     """
-    import random
-
-    import numpy as np
-    import torch
     from transformers import Trainer
-
-    from onerec_prod.model.io import load_tree, save_tree
 
     class SftTrainer(Trainer):
         no_decay_extra: set[str] = set()
@@ -190,70 +149,35 @@ def _make_trainer_cls():
         def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
             if not self._own_state:
                 return super()._save_optimizer_and_scheduler(output_dir)
-            os.makedirs(output_dir, exist_ok=True)
             rank = self.args.process_index
             if self.is_deepspeed_enabled:
                 engine = self.model_wrapped
-                opt = engine.optimizer
-                state = {
-                    "base": opt.optimizer.state_dict(),
-                    "fp32": list(opt.single_partition_of_fp32_groups),
-                    "engine": {"global_steps": engine.global_steps,
-                               "global_samples": engine.global_samples,
-                               "skipped_steps": engine.skipped_steps},
-                }
-                save_tree(state, Path(output_dir) / f"optimizer_rank{rank}.safetensors")
+                checkpoint.save_optimizer(output_dir, rank, engine.optimizer, engine)
             elif self.args.should_save:
-                save_tree({"base": self.optimizer.state_dict()},
-                          Path(output_dir) / "optimizer_rank0.safetensors")
+                checkpoint.save_optimizer(output_dir, 0, self.optimizer)
             if self.args.should_save:
                 Path(output_dir, "scheduler.json").write_text(json.dumps(self.lr_scheduler.state_dict()))
 
         def _save_rng_state(self, output_dir: str) -> None:
-            states = {"python": random.getstate(), "numpy": np.random.get_state(),
-                      "cpu": torch.random.get_rng_state()}
-            if torch.cuda.is_available():
-                states["cuda"] = torch.cuda.random.get_rng_state_all()
-            os.makedirs(output_dir, exist_ok=True)
-            save_tree(states, Path(output_dir) / f"rng_state_{self.args.process_index}.safetensors")
+            checkpoint.save_rng(output_dir, self.args.process_index)
 
         # ---- loading
-        def _load_zero_state(self, engine, checkpoint: str) -> None:
+        def _load_zero_state(self, engine, ckpt: str) -> None:
             """Replaces ``deepspeed_load_checkpoint`` for ZeRO-1/2 (collective: every rank)."""
-            st = load_tree(Path(checkpoint) / f"optimizer_rank{self.args.process_index}.safetensors")
-            opt = engine.optimizer
-            opt.optimizer.load_state_dict(st["base"])
-            with torch.no_grad():
-                for cur, saved in zip(opt.single_partition_of_fp32_groups, st["fp32"], strict=True):
-                    cur.copy_(saved)
-            opt.update_lp_params()  # fp32 master partitions -> model weights on every rank
-            engine.global_steps = st["engine"]["global_steps"]
-            engine.global_samples = st["engine"]["global_samples"]
-            engine.skipped_steps = st["engine"]["skipped_steps"]
+            checkpoint.load_optimizer(ckpt, self.args.process_index, engine.optimizer, engine)
 
-        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-            if checkpoint is None:
+        def _load_optimizer_and_scheduler(self, ckpt: str | None) -> None:
+            if ckpt is None:
                 return
             if not self._own_state:
-                return super()._load_optimizer_and_scheduler(checkpoint)
-            ck = Path(checkpoint)
+                return super()._load_optimizer_and_scheduler(ckpt)
             if not self.is_deepspeed_enabled:
-                self.optimizer.load_state_dict(load_tree(ck / "optimizer_rank0.safetensors")["base"])
-            self.lr_scheduler.load_state_dict(json.loads((ck / "scheduler.json").read_text()))
+                checkpoint.load_optimizer(ckpt, 0, self.optimizer)
+            self.lr_scheduler.load_state_dict(json.loads((Path(ckpt) / "scheduler.json").read_text()))
 
-        def _load_rng_state(self, checkpoint: str | None) -> None:
-            if checkpoint is None:
-                return
-            p = Path(checkpoint) / f"rng_state_{self.args.process_index}.safetensors"
-            if not p.exists():
-                log.warning("no RNG state %s: resumed run is not bit-reproducible", p.name)
-                return
-            st = load_tree(p)
-            random.setstate(st["python"])
-            np.random.set_state(st["numpy"])
-            torch.random.set_rng_state(st["cpu"])
-            if "cuda" in st and torch.cuda.is_available():
-                torch.cuda.random.set_rng_state_all(st["cuda"])
+        def _load_rng_state(self, ckpt: str | None) -> None:
+            if ckpt is not None:
+                checkpoint.load_rng(ckpt, self.args.process_index)
 
         def train(self, resume_from_checkpoint=None, **kwargs):
             if not (self.is_deepspeed_enabled and self._own_state and resume_from_checkpoint):
@@ -280,10 +204,8 @@ class SftRun:
         self.cfg = Config.model_validate(spec["config"])
         self.stage = StageCfg.model_validate(spec["stage_cfg"])
         self.tcfg = stage_train_cfg(self.cfg.train, self.stage)
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.is_main = self.rank == 0
+        env = RankEnv.from_env()
+        self.rank, self.world, self.local_rank, self.is_main = env.rank, env.world, env.local_rank, env.is_main
         self.trainer = None
         self.result: dict[str, Any] = {}
 
@@ -317,7 +239,7 @@ class SftRun:
             import deepspeed
 
             if not self.on_gpu:
-                _skip_shm_comm_build()
+                skip_shm_comm_build()
             deepspeed.init_distributed(dist_backend=backend)
         elif self.world > 1 and not dist.is_initialized():
             dist.init_process_group(backend=backend)
@@ -433,13 +355,7 @@ class SftRun:
 
     # ---- cleanup
     def cleanup(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            try:
-                dist.barrier()
-            finally:
-                dist.destroy_process_group()
+        cleanup()
 
 
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:

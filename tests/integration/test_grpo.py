@@ -70,7 +70,7 @@ def test_policy_learns_known_reward(make_cfg, tiny_model_dir, tiny, catalog):
     from onerec_prod.model.io import load_model
 
     tok, vocab, trie = tiny
-    gcfg = make_cfg("grpo.steps=4", "grpo.lr=5e-4", "grpo.kl_coef=0", "grpo.group_size=8",
+    gcfg = make_cfg("grpo.mode=think", "grpo.steps=4", "grpo.lr=5e-4", "grpo.kl_coef=0", "grpo.group_size=8",
                     "grpo.prompts_per_step=4", "grpo.beam_size=4").grpo
     prompts = _prompts(catalog, 4)          # every step sees the same 4 prompts
     reward = FirstCodeReward(vocab, 5)
@@ -91,7 +91,7 @@ def test_policy_learns_known_reward(make_cfg, tiny_model_dir, tiny, catalog):
 def test_loss_math_hand_case():
     import torch
 
-    from onerec_prod.train.grpo import group_advantages, policy_loss
+    from onerec_prod.train.grpo_loss import group_advantages, policy_loss
 
     adv = group_advantages(torch.tensor([1.0, 0.0, 2.0, 2.0]), 2)
     assert torch.allclose(adv, torch.tensor([0.7071, -0.7071, 0.0, 0.0]), atol=1e-3)
@@ -115,7 +115,8 @@ def test_resume_repeats_the_same_run(make_cfg, tiny_model_dir, tiny, catalog, tm
     from onerec_prod.model.io import load_model
 
     tok, vocab, trie = tiny
-    gcfg = make_cfg("grpo.steps=2", "grpo.save_steps=1", "grpo.lr=1e-3", "grpo.kl_coef=0.05").grpo
+    gcfg = make_cfg("grpo.mode=think", "grpo.steps=2", "grpo.save_steps=1", "grpo.lr=1e-3",
+                    "grpo.kl_coef=0.05").grpo
     prompts = _prompts(catalog, 4)
     reward = [(FirstCodeReward(vocab, 5), 1.0)]
     ref = load_model(tiny_model_dir)
@@ -131,10 +132,11 @@ def test_resume_repeats_the_same_run(make_cfg, tiny_model_dir, tiny, catalog, tm
         assert torch.allclose(a, b, atol=1e-6), n
 
 
-def test_rl_day_end_to_end(make_cfg, tiny_model_dir, catalog, tmp_path):
+@pytest.mark.parametrize("mode", ["direct", "think"])
+def test_rl_day_end_to_end(make_cfg, tiny_model_dir, catalog, tmp_path, mode):
     from onerec_prod.model.io import load_model, read_meta
 
-    cfg = make_cfg("grpo.steps=2", "grpo.eval_prompts=4", "grpo.format_reward=0.1")
+    cfg = make_cfg(f"grpo.mode={mode}", "grpo.steps=2", "grpo.eval_prompts=4", "grpo.format_reward=0.1")
     dt = "2014-01-02"
     samples = tmp_path / "rl.jsonl"
     with open(samples, "w") as f:
@@ -152,6 +154,8 @@ def test_rl_day_end_to_end(make_cfg, tiny_model_dir, catalog, tmp_path):
     assert res["model_dir"] == str(out) and res["steps"] == 2 and res["prompts"] == 6
     assert len(res["reward_curve"]) == 2 and res["before"]["prompts"] == 4
     assert 0 <= res["after"]["beam_reward_mean"] <= 4
+    assert res["mode"] == mode and 0 <= res["after"]["recall"] <= 1 and 0 <= res["signal_groups"] <= 1
+    assert all(0 <= m["signal_groups"] <= 1 for m in res["reward_curve"])
     meta = read_meta(out)
     assert meta["stage"] == "rl" and meta["dt"] == dt and meta["sid_version"] == "v1"
     assert meta["parent"]["dir"] == str(tiny_model_dir)
@@ -159,3 +163,47 @@ def test_rl_day_end_to_end(make_cfg, tiny_model_dir, catalog, tmp_path):
     assert not (tmp_path / "_rl_work").exists()
     again = rl_day(cfg, dt, init_from=tiny_model_dir, out_dir=out, samples_path=samples, catalog_path=cat)
     assert again["skipped"] is True
+
+
+def test_shared_prompt_logps_equal_full_forward(tiny_model_dir, tiny, catalog):
+    """Direct mode's prompt-once log-probs equal one full forward per candidate."""
+    import torch
+
+    from onerec_prod.model.io import load_model
+    from onerec_prod.train.grpo_loss import shared_prompt_logps, token_logps
+    from onerec_prod.train.grpo_rollout import direct_rollout
+
+    tok, vocab, trie = tiny
+    model = load_model(tiny_model_dir)
+    prompts = [RlPrompt(p.sample_id, [], p.target_sid, [tuple(c["sid"]) for c in catalog[i: i + 2 + i]])
+               for i, p in enumerate(_prompts(catalog, 3))]
+    ro = direct_rollout(model, prompts, trie, vocab, group=4, max_items=10)
+    assert ro.group == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert all(len({tuple(c) for c in ro.completion[g * 4: g * 4 + 4]}) == 4 for g in range(3))  # distinct
+    shared = shared_prompt_logps(model, ro.prompts, ro.completion, ro.group, tok.pad_token_id)
+    full = token_logps(model, ro.prompt_ids, ro.completion, tok.pad_token_id)
+    assert torch.allclose(shared, full, atol=1e-4), (shared - full).abs().max()
+
+
+def test_direct_mode_raises_the_target(make_cfg, tiny_model_dir, tiny, catalog):
+    """Targets = the 4th candidate of each prompt's beam: the hit reward must move them up."""
+    from onerec_prod.model.io import load_model
+    from onerec_prod.train.grpo import default_rewards, evaluate_prompts
+    from onerec_prod.train.grpo_rollout import direct_rollout
+
+    tok, vocab, trie = tiny
+    gcfg = make_cfg("grpo.mode=direct", "grpo.steps=6", "grpo.lr=5e-4", "grpo.kl_coef=0", "grpo.group_size=8",
+                    "grpo.prompts_per_step=4", "grpo.reward_rank=0.5").grpo
+    policy = load_model(tiny_model_dir)
+    hists = [[tuple(c["sid"]) for c in catalog[3 * i: 3 * i + 3]] for i in range(4)]
+    ro = direct_rollout(policy, [RlPrompt(f"p{i}", [], (0,) * 4, h) for i, h in enumerate(hists)], trie, vocab,
+                        group=8, max_items=10)
+    targets = [vocab.decode_codes(ro.beams[8 * i][3][1:]) for i in range(4)]
+    prompts = [RlPrompt(f"p{i}", [], tuple(t), h) for i, (t, h) in enumerate(zip(targets, hists, strict=True))]
+    before = evaluate_prompts(policy, tok, prompts, trie, vocab, gcfg, beam=8, max_items=10)
+    res = train_grpo(policy, None, tok, prompts, trie, vocab, gcfg, default_rewards(tok, vocab, gcfg),
+                     max_items=10)
+    after = evaluate_prompts(policy, tok, prompts, trie, vocab, gcfg, beam=8, max_items=10)
+    print("direct mode ndcg@8", before, after)
+    assert before["recall"] == 1.0 and all(m["signal_groups"] == 1.0 for m in res.curve)
+    assert after["ndcg"] > before["ndcg"] + 0.1, (before, after)

@@ -38,8 +38,9 @@ def _cfg(root):
 def inputs(tmp_path_factory, beauty_items, tiny_sids, tiny_model_dir):
     """Day DT's rl_prompt rows (4 prompts) and the catalog, as JSONL files.
 
-    Targets are SIDs the tiny model itself finds (2nd beam of a sampled rollout), so rollouts of
-    a group earn different Rollout-Beam rewards (random targets all score 0: no gradient).
+    Targets are SIDs the tiny model itself finds (the 2nd candidate of a direct-mode beam over the
+    history in the prompt), so the candidates of a group earn different rewards (random targets
+    would leave most groups without signal).
     """
     from onerec_prod.model.io import load_model, load_tokenizer
     from onerec_prod.sid.tokens import SidVocab
@@ -55,8 +56,8 @@ def inputs(tmp_path_factory, beauty_items, tiny_sids, tiny_model_dir):
     tok = load_tokenizer(tiny_model_dir)
     vocab, trie = SidVocab.from_tokenizer(tok, SIZES), SidTrie.from_sids([c["sid"] for c in catalog], SIZES)
     ro = rollout(load_model(tiny_model_dir), tok, [RlPrompt(f"p{i}", m, (0,) * 4) for i, m in enumerate(msgs)],
-                 trie, vocab, gcfg, group=1, seed=123)
-    targets = [vocab.decode_codes(b[-1][1:-1]) for b in ro.beams]
+                 trie, vocab, gcfg, group=2, seed=123, max_items=10)
+    targets = [vocab.decode_codes(ro.beams[2 * i][-1][1:]) for i in range(len(msgs))]
     samples = root / "rl.jsonl"
     with open(samples, "w") as f:
         for i, (m, t) in enumerate(zip(msgs, targets, strict=True)):

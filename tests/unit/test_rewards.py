@@ -9,7 +9,7 @@ import pytest
 
 from onerec_prod.sid.tokens import SidVocab
 from onerec_prod.train import rewards
-from onerec_prod.train.rewards import get_reward, get_rollout_beam_reward, get_think_format_reward
+from onerec_prod.train.rewards import get_rec_reward, get_reward, get_rollout_beam_reward, get_think_format_reward
 
 # begin=1, end=2; level l code c -> 100 * (l + 1) + c (4 levels x 4 codes)
 VOCAB = SidVocab(begin_id=1, end_id=2,
@@ -76,10 +76,38 @@ def test_registry_and_pickle():
         back = pickle.loads(pickle.dumps(fn))
         assert type(back) is type(fn)
     assert pickle.loads(pickle.dumps(r))([""], completion_ids=[[sid(1, 2, 3, 0)]], target_sid=[TARGET]) == [4.0]
-    with pytest.raises(KeyError, match="valid: rollout_beam, think_format"):
+    with pytest.raises(KeyError, match="valid: rollout_beam, think_format, rec"):
         get_reward("recall")
 
 
 def test_doctests():
     res = doctest.testmod(rewards)
     assert res.attempted >= 4 and res.failed == 0
+
+
+def test_rec_reward_direct_mode_hand_cases():
+    """Direct mode: the rollout is the candidate at ``own_rank`` of its group's beam."""
+    beam = [sid(1, 2, 0, 0), sid(0, 0, 0, 0), sid(1, 2, 3, 0), sid(1, 2, 3, 1)]
+    r = get_rec_reward(VOCAB, hit=1.0, rank=0.5, prefix=0.5)
+    got = r([""] * 4, beam_ids=[beam] * 4, target_sid=[TARGET] * 4, own_rank=[0, 1, 2, 3])
+    log2 = __import__("math").log2
+    want = [0.5 * 2 / 4 - 0.5 / log2(2),   # 2 levels right, wrong item at rank 0: the largest penalty
+            0.0 - 0.5 / log2(3),           # nothing right at rank 1
+            1.0 + 0.5,                     # the hit: no rank penalty
+            0.5 * 3 / 4 - 0.5 / log2(5)]   # 3 levels right at rank 3
+    assert got == pytest.approx(want)
+    # every candidate differs in reward: the group carries signal although only one hits
+    assert len(set(round(v, 9) for v in got)) == 4
+    # without the rank term, candidates with equal prefixes tie
+    flat = get_rec_reward(VOCAB, hit=1.0, rank=0.0, prefix=0.0)
+    assert flat([""] * 4, beam_ids=[beam] * 4, target_sid=[TARGET] * 4, own_rank=[0, 1, 2, 3]) == [0, 0, 1, 0]
+
+
+def test_rec_reward_rollout_beam_reading():
+    """Think mode (own_rank None): the target's rank in the beam of final SIDs, plus best prefix."""
+    r = get_rec_reward(VOCAB, hit=1.0, rank=0.5, prefix=0.5)
+    beams = [[sid(1, 2, 3, 0)], [sid(0, 0, 0, 0), sid(1, 0, 0, 0), sid(1, 2, 3, 0)], [sid(1, 2, 0, 0)], []]
+    got = r([""] * 4, beam_ids=beams, target_sid=[TARGET] * 4)
+    assert got == pytest.approx([1.0 + 0.5, 1 / __import__("math").log2(4) + 0.5, 0.25, 0.0])
+    assert r([""], beam_ids=[[sid(1, 2, 3, 0)]], target_sid=[None]) == [None]
+    assert pickle.loads(pickle.dumps(r)).one([sid(1, 2, 3, 0)], TARGET, 0) == 1.5

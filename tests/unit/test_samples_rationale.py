@@ -7,6 +7,7 @@ import pytest
 from onerec_prod.config import SamplesCfg
 from onerec_prod.samples.rationale import (
     CategoryRationale,
+    EvidenceRationale,
     RationaleRequest,
     TeacherRationale,
     clean_generated,
@@ -71,7 +72,8 @@ def test_clean_generated_bounds_length_at_a_sentence():
 
 def test_registry_lists_valid_names_and_checks_teacher_dir():
     assert make_rationale_source("category", SamplesCfg()).name == "category"
-    with pytest.raises(ValueError, match="valid: category, teacher"):
+    assert make_rationale_source("evidence", SamplesCfg()).name == "evidence"
+    with pytest.raises(ValueError, match="valid: category, evidence, teacher"):
         make_rationale_source("llm", SamplesCfg())
     with pytest.raises(ValueError, match="samples.teacher_model_dir"):
         make_rationale_source("teacher", SamplesCfg(rationale_source="teacher"))
@@ -91,3 +93,25 @@ def test_teacher_plumbing_with_tiny_model(tiny_model_dir):
     assert out[0] == out[1] == out[2]  # greedy: same context, same text
     assert src.fallbacks >= 1
     assert "A shopper bought these related items" in src.prompt_text("x")
+
+
+def test_evidence_rationale_path_recency_cooccurrence():
+    """Each clause from the data: shared path + count, most recent related item, co-occurrence share."""
+    other = _it("o", (5, 5, 5, 0), "Hair")
+    # four other users whose history holds Nails: three went on to Nails, one to Hair
+    crowd = [RationaleRequest((_it(f"c{i}", (1, 1, 1, 0), "Nails"),), TARGET if i < 3 else other) for i in range(4)]
+    reqs = [RationaleRequest(HISTORY, TARGET), *crowd, RationaleRequest((HISTORY[1],), TARGET)]
+    out = EvidenceRationale(context_items=3, min_support=3).rationales(reqs)
+    # HISTORY: h0 Nails, h1 Hair, h2 Nails, h3 Eyes, h4 Nails; related by prune_context: h0, h3, h2.
+    # Co-occurrence, own pair left out: 4 other histories hold Nails, 3 of them led to Nails.
+    assert out[0] == ('3 of the last 5 items are in Beauty > Nails; the most recent related one, "Th3" (Eyes), '
+                      "was 2 purchases ago; buyers of Nails go on to Nails in 75% of cases. Next: Beauty > Nails.")
+    assert out[1].endswith("buyers of Nails go on to Nails in 75% of cases. Next: Beauty > Nails.")
+    # the Hair target: its Nails history is unrelated (no SID prefix, other leaf) and no other
+    # Nails history led to Hair: the path clause only
+    assert out[4] == "1 of the last 1 items are in Beauty. Next: Beauty > Hair."
+    # unrelated history (Hair only) for a Nails target: the root path only, no recency clause
+    assert out[5] == "1 of the last 1 items are in Beauty. Next: Beauty > Nails."
+    # a history sharing nothing but the root still gets a path clause, never the target's title
+    assert all("Target Polish" not in o for o in out)
+    assert out == EvidenceRationale(context_items=3, min_support=3).rationales(reqs)  # deterministic
