@@ -9,7 +9,12 @@ import pytest
 
 from onerec_prod.sid.tokens import SidVocab
 from onerec_prod.train import rewards
-from onerec_prod.train.rewards import get_rec_reward, get_reward, get_rollout_beam_reward, get_think_format_reward
+from onerec_prod.train.rewards import (
+    get_rec_reward,
+    get_reward,
+    get_rollout_beam_reward,
+    get_think_format_reward,
+)
 
 # begin=1, end=2; level l code c -> 100 * (l + 1) + c (4 levels x 4 codes)
 VOCAB = SidVocab(begin_id=1, end_id=2,
