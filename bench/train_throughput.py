@@ -73,7 +73,7 @@ def run_cpu(args: argparse.Namespace) -> dict:
     from onerec_prod.config import load_config
     from onerec_prod.model.base import catalog_texts_from_dataset, init_base_model
     from onerec_prod.sid.tokens import level_sizes
-    from onerec_prod.train import cli as train_cli
+    from onerec_prod.train import day as train_cli
     from onerec_prod.train.data import write_rows_jsonl
     from onerec_prod.util import read_meta
 

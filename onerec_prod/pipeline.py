@@ -133,7 +133,7 @@ def _spark_stage(name: str, cfg: Config, dt: str) -> dict[str, Any]:
 def stage_train(cfg: Config, dt: str, *, path: str | None = None, force: bool = False,
                 **_: Any) -> dict[str, Any]:
     """Bootstrap alignment when no champion exists, else incremental SFT from the champion."""
-    from onerec_prod.train.cli import train_day
+    from onerec_prod.train.day import train_day
 
     path = path or choose_training_path(cfg)
     out = train_day(cfg, dt, bootstrap=(path == "bootstrap"), force=force)
@@ -175,7 +175,7 @@ def stage_evaluate(cfg: Config, dt: str, **_: Any) -> dict[str, Any]:
 
 
 def stage_gate_register(cfg: Config, dt: str, **_: Any) -> dict[str, Any]:
-    from onerec_prod.registry.gate_cli import gate_and_register
+    from onerec_prod.registry.release import gate_and_register
 
     report = read_record(cfg, dt, "evaluate")
     if report is None:

@@ -2,6 +2,6 @@
 
 Submodules import MLflow only inside functions: ``tracking`` (day/step runs), ``gate`` (pure
 gate), ``registry`` (register/promote/rollback/champion/status, model specs -> version and dir),
-and the CLIs ``cli_promote``, ``cli_rollback``, ``cli_status`` and ``gate_cli`` (one module per
+and the CLIs ``cli_promote``, ``cli_rollback``, ``cli_status`` and ``cli_gate`` (the library side: ``release``) (one module per
 ``onerec-prod`` subcommand, named ``cli_<subcommand>``).
 """

@@ -547,7 +547,7 @@ def rl_day(cfg: Config, dt: str, init_from: str | Path | None = None, out_dir: s
     )
     from onerec_prod.sid.tokens import SidVocab, level_sizes
     from onerec_prod.sid.trie import SidTrie
-    from onerec_prod.train.cli import candidates_dir
+    from onerec_prod.train.day import candidates_dir
 
     gcfg = cfg.grpo
     init = Path(init_from) if init_from else candidates_dir(cfg, dt) / "sft"

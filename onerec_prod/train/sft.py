@@ -1,7 +1,7 @@
 """The one SFT trainer: HF Trainer + DeepSpeed; stages are configs (``configs/train/*.yaml``).
 
 Each training process runs :func:`run_spec` on a JSON spec written by the driver
-(:func:`onerec_prod.train.cli.train_day`) and started by :mod:`onerec_prod.train.launcher`::
+(:func:`onerec_prod.train.day.train_day`) and started by :mod:`onerec_prod.train.launcher`::
 
     setup -> train -> save -> cleanup
 

@@ -92,7 +92,7 @@ def test_sid_version_mismatch_is_refused(beauty_items, tiny_sids):
 
 def test_cli_writes_report(make_cfg, tmp_path, monkeypatch, capsys):
     from onerec_prod import cli
-    from onerec_prod.eval import cli as eval_cli
+    from onerec_prod.eval import cli_eval as eval_cli
 
     tiny_model_dir = tmp_path / "model"  # the CLI only resolves the dir; evaluate is replaced
     tiny_model_dir.mkdir()

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from onerec_prod.model.io import read_meta, weights_hash
-from onerec_prod.train import cli as train_cli
+from onerec_prod.train import day as train_cli
 from onerec_prod.train import launcher
 from tests.integration.test_train_sft import samples  # noqa: F401  (fixture)
 

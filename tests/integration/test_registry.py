@@ -107,7 +107,7 @@ def mostpop(snapshot) -> dict[str, float]:
 
 def gated(cfg, tmp_path, snapshot, dt, w, champion_dir=None, parent=None):
     """Save, evaluate (with the champion on the same snapshot) and gate a model; returns the result."""
-    from onerec_prod.registry.gate_cli import gate_and_register, lineage_from_model
+    from onerec_prod.registry.release import gate_and_register, lineage_from_model
 
     d = save_model(tmp_path / f"cand-{dt}", w, dt, parent)
     report = {"metrics": evaluate(d, snapshot), "per_user": per_user(d, snapshot), "snapshot": dt,
@@ -257,7 +257,7 @@ def test_registry_failure_windows(cfg, tmp_path, snapshot, monkeypatch):
     d3 = save_model(tmp_path / "cand-2014-01-03", w3, "2014-01-03")
     report = {"metrics": evaluate(d3, snapshot), "champion_metrics": evaluate(d3, snapshot),
               "champion_version": v2}
-    from onerec_prod.registry.gate_cli import gate_and_register, lineage_from_model
+    from onerec_prod.registry.release import gate_and_register, lineage_from_model
 
     with pytest.raises(registry.RegistryError, match=f"champion version {v2}, but the champion is now {v1}"):
         gate_and_register(cfg, "2014-01-03", d3, report, lineage_from_model(d3))

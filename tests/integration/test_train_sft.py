@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from onerec_prod.model.io import read_meta, weights_hash
 from onerec_prod.samples.prompts import messages_to_json, render_history, task_messages, task_response
 from onerec_prod.sid.tokens import sid_to_text
-from onerec_prod.train import cli as train_cli
+from onerec_prod.train import day as train_cli
 from onerec_prod.train.data import write_rows_jsonl
 from onerec_prod.train.launcher import LaunchError
 

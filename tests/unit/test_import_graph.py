@@ -22,13 +22,9 @@ from tests.conftest import REPO
 
 PACKAGES = ("onerec_prod", "jobs")
 
-# library -> CLI imports still to move into the library, by their owners (issue 25); remove an
-# entry once its import is gone. Never add one: put the called code in the library instead.
-PENDING_LIB_TO_CLI = {
-    ("onerec_prod.pipeline", "onerec_prod.registry.gate_cli"),  # gate_and_register
-    ("onerec_prod.pipeline", "onerec_prod.train.cli"),  # train_day
-    ("onerec_prod.train.grpo", "onerec_prod.train.cli"),
-}
+# library -> CLI imports still to move into the library: none left. Never add one: put the called
+# code in the library instead.
+PENDING_LIB_TO_CLI: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

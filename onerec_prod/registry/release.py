@@ -1,16 +1,15 @@
-"""``onerec-prod gate --date D --model DIR --report report.json``: register, gate, maybe challenger.
+"""Register a day's candidate, gate it against the champion, record it (``onerec-prod gate``:
+:mod:`.cli_gate`; the pipeline's ``gate_register`` stage).
 
-The report is the eval JSON of day D's snapshot: ``metrics`` (the candidate's) and, when a
-champion exists, ``champion_metrics`` (the champion evaluated on the SAME snapshot by the same
-run). The verdict is data: the exit code is 0 whether the gate passes or fails; the table and
-the verdict are printed, and every check is logged to MLflow (step ``gate`` of day D) and
-tagged on the version. ``challenger`` moves to the candidate only if the gate passes
-(``passed_effective``: a ``dry_run`` failure does not block).
+The report is the eval JSON of day D: ``metrics``, ``per_user`` and ``baselines`` of the candidate
+and, when a champion exists, ``champion_metrics`` / ``champion_per_user`` (the champion scored on
+the SAME events by the same run). The verdict is data: every check is logged to MLflow (step
+``gate`` of day D) and tagged on the version. ``challenger`` moves to the candidate only if the
+gate passes (``passed_effective``: a ``dry_run`` failure does not block).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -22,18 +21,6 @@ from onerec_prod.config import Config
 log = logging.getLogger(__name__)
 
 META_FILE = "onerec_meta.json"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--date", required=True, help="Day D (YYYY-MM-DD) of the candidate.")
-    parser.add_argument("--model", required=True, help="Candidate model dir.")
-    parser.add_argument("--report", required=True, help="Eval report JSON (metrics, champion_metrics).")
-    parser.add_argument(
-        "--lineage", default=None,
-        help="Optional JSON file of lineage (parent_version, sid_version, data_versions, ...); "
-        f"defaults come from the model's {META_FILE}.",
-    )
-    parser.add_argument("--json", action="store_true", help="Print the result as JSON too.")
 
 
 def lineage_from_model(model_dir: str | Path) -> dict[str, Any]:
@@ -151,21 +138,3 @@ def gate_and_register(
         "gate": gate_dict,
         "table": result.format_table(),
     }
-
-
-def main(args: argparse.Namespace, cfg: Config) -> int:
-    report = json.loads(Path(args.report).read_text())
-    lineage = lineage_from_model(args.model)
-    if args.lineage:
-        lineage |= json.loads(Path(args.lineage).read_text())
-    lineage.setdefault("data_snapshot", report.get("snapshot", args.date))
-    out = gate_and_register(cfg, args.date, args.model, report, lineage)
-    print(out["table"])
-    print(
-        f"{cfg.registry.model_name} version {out['version']} (dt={args.date}); champion: "
-        f"{out['champion_version'] or 'none'} [{out['champion_metrics_source']}]; challenger "
-        + ("set to this version" if out["challenger_set"] else "NOT moved")
-    )
-    if args.json:
-        print(json.dumps({k: v for k, v in out.items() if k != "table"}, indent=2, sort_keys=True))
-    return 0

@@ -1,7 +1,4 @@
-"""``onerec-prod train``: SFT / continued training of day D (the driver side).
-
-    onerec-prod train --date D [--stage incremental] [--init-from DIR] [--samples PATH]
-                      [--out DIR] [--force]
+"""SFT / continued training of day D, the driver side (``onerec-prod train``: :mod:`.cli_train`).
 
 The driver picks the init weights (the champion's, else the base model), exports the day's
 sample mix from Delta to a local JSONL (training processes never start Spark), checks the
@@ -13,7 +10,6 @@ day resumes from its own checkpoints.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -207,21 +203,3 @@ def train_day(cfg: Config, dt: str, init_from: str | Path | None = None,
                                samples_path=samples_path, force=force)
     log.info("day %s stage %s -> %s", dt, stage_name, out)
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--date", required=True, help="Day D (YYYY-MM-DD).")
-    parser.add_argument("--stage", default=None,
-                        help="Stage under configs/train/ (default: train.stage; 'bootstrap' = "
-                        "warmup -> align -> reasoning from the base model).")
-    parser.add_argument("--init-from", default=None, help="Init model dir (default: champion, else base).")
-    parser.add_argument("--samples", default=None, help="JSONL of sample rows instead of the Delta table.")
-    parser.add_argument("--out", default=None, help="Output dir (default <models>/candidates/dt=D/sft).")
-    parser.add_argument("--force", action="store_true", help="Retrain even if the output is up to date.")
-
-
-def main(args: argparse.Namespace, cfg: Config) -> int:
-    out = train_day(cfg, args.date, args.init_from, args.samples, stage=args.stage,
-                    out_dir=args.out, force=args.force)
-    print(out)
-    return 0
