@@ -329,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sasrec-grid", default=None, help='Grid, e.g. "dim=64,256;dropout=0.2,0.5" (best on validation).')
     p.add_argument("--sasrec-minutes", type=float, default=None, help="Time budget per SASRec grid point.")
     p.add_argument("--model", default=None, help="Evaluate this model dir (trained earlier by this bench) instead of training.")
+    p.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
+                   help="Also rank the test users with this model dir (e.g. the RL-refreshed model) and report "
+                        "its paired difference with ours (NAME minus ours, same users). Repeatable.")
     p.add_argument("--json", default=None, help="Write the results here too.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the user samples and the bootstrap.")
     p.add_argument("--refit", action="store_true",
@@ -400,6 +403,13 @@ def main(argv: list[str] | None = None) -> int:
         phases["ours_train"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         ranked["ours (SID stream)"] = ranker.rank(model, [u["history"] for u in users])
+        for spec in args.compare:
+            name, _, path = spec.partition("=")
+            from onerec_prod.model.io import load_model
+
+            other = load_model(path, device="cpu", dtype="float32")
+            ranked[name] = ranker.rank(other, [u["history"] for u in users])
+            del other
         phases["ours_eval"] = time.perf_counter() - t0
         results["ours"]["eval_users_per_s"] = round(len(users) / phases["ours_eval"], 1)
         if args.exclude_history:
@@ -423,6 +433,13 @@ def main(argv: list[str] | None = None) -> int:
                     gains["ours (SID stream)"][m], gains[other][m], seed=args.seed), strict=True))
                     for m in ("recall@10", "ndcg@10")}
         results["paired_ours_minus"] = pairs
+        compared = {}
+        for spec in args.compare:
+            name = spec.partition("=")[0]
+            compared[name] = {m: dict(zip(("mean", "low", "high"), paired_diff_ci(
+                gains[name][m], gains["ours (SID stream)"][m], seed=args.seed), strict=True))
+                for m in ("recall@10", "ndcg@10")}
+        results["paired_minus_ours"] = compared
     results["total_seconds"] = round(time.perf_counter() - t_all, 1)
 
     out = sys.stdout
@@ -437,6 +454,12 @@ def main(argv: list[str] | None = None) -> int:
     for other, d in results.get("paired_ours_minus", {}).items():
         out.write(f"  paired ours - {other:14s} R@10 {fmt_ci(*d['recall@10'].values())}"
                   f"  N@10 {fmt_ci(*d['ndcg@10'].values())}\n")
+    for name, d in results.get("paired_minus_ours", {}).items():
+        base = summary["ours (SID stream)"]
+        out.write(f"  paired {name} - ours  R@10 {fmt_ci(*d['recall@10'].values())} "
+                  f"({d['recall@10']['mean'] / max(base['recall@10']['mean'], 1e-12):+.1%})"
+                  f"  N@10 {fmt_ci(*d['ndcg@10'].values())} "
+                  f"({d['ndcg@10']['mean'] / max(base['ndcg@10']['mean'], 1e-12):+.1%})\n")
     if "sasrec" in results:
         out.write("\nSASRec grid (validation R@10 on the validation item):\n")
         for g in results["sasrec"]["grid"]:
