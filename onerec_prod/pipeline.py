@@ -142,10 +142,13 @@ def stage_train(cfg: Config, dt: str, *, path: str | None = None, force: bool = 
 
 
 def choose_training_path(cfg: Config) -> str:
-    """``bootstrap`` (itemic alignment from scratch) when no champion exists, else ``incremental``."""
-    from onerec_prod.registry.registry import champion
+    """``bootstrap`` (itemic alignment from scratch) when no champion exists, else ``incremental``.
 
-    return "incremental" if champion(cfg) is not None else "bootstrap"
+    Reads the alias only: choosing the branch downloads no weights.
+    """
+    from onerec_prod.registry.registry import CHAMPION, aliases
+
+    return "incremental" if aliases(cfg).get(CHAMPION) is not None else "bootstrap"
 
 
 def stage_rl_refresh(cfg: Config, dt: str, *, force: bool = False, **_: Any) -> dict[str, Any]:
