@@ -1,6 +1,6 @@
 """LEGACY chat-row quality bench (superseded by bench/quality.py, the dense SID stream).
 
-Kept only because bench/rl_beauty.py still imports its helpers; its direct-mode eval now decodes the
+Kept only because bench/beam.py still imports its helpers; its direct-mode eval now decodes the
 SID stream (eval.beam.recommend), which chat-trained models were never trained on, so its figures
 are not comparable with docs/RESULTS.md. Original purpose: the paper's protocol on full Beauty.
 
