@@ -20,3 +20,11 @@ def start(args: argparse.Namespace, level: int = logging.INFO) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+
+
+def add_dataset_args(p: argparse.ArgumentParser, work_help: str) -> None:
+    """``--dataset``, ``--config``, ``--set`` and ``--work``: the data and config flags of the Beauty benches."""
+    p.add_argument("--dataset", default="../shared/data/beauty", help="Plain-format dataset dir (or raw Beauty).")
+    p.add_argument("--config", default="configs/bench/quality_cpu.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Config override.")
+    p.add_argument("--work", default=None, help=work_help)

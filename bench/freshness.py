@@ -53,7 +53,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from _common import add_threads_arg, start
+from _common import add_dataset_args, add_threads_arg, start
 from quality import DEFAULT_STREAM, StreamRanker, load_sequences, service_sids, stream_rows
 
 from onerec_prod.config import load_config
@@ -271,10 +271,7 @@ def sasrec_arm(items, tl: Timeline, days: list[date], every: int, minutes: float
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--dataset", default="../shared/data/beauty", help="Plain-format dataset dir (or raw Beauty).")
-    p.add_argument("--config", default="configs/bench/quality_cpu.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Config override.")
-    p.add_argument("--work", default=None, help="Work dir (default var/bench/quality: shares its SID cache).")
+    add_dataset_args(p, "Work dir (default var/bench/quality: shares its SID cache).")
     p.add_argument("--start", default="2014-06-01", help="First replayed day (the bootstrap trains on the days before).")
     p.add_argument("--days", type=int, default=30, help="Replayed days.")
     p.add_argument("--arms", default=",".join(ARMS), help="Comma list of " + ", ".join(ARMS) + ".")

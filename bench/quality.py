@@ -38,7 +38,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from _common import add_threads_arg, start
+from _common import add_dataset_args, add_threads_arg, start
 
 from onerec_prod.config import Config, load_config
 
@@ -314,10 +314,7 @@ DEFAULT_SASREC = {"dim": 64, "n_blocks": 2, "n_heads": 1, "dropout": 0.5, "lr": 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--dataset", default="../shared/data/beauty", help="Plain-format dataset dir (or raw Beauty).")
-    p.add_argument("--config", default="configs/bench/quality_cpu.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Config override.")
-    p.add_argument("--work", default=None, help="Work dir (default var/bench/quality).")
+    add_dataset_args(p, "Work dir (default var/bench/quality).")
     p.add_argument("--models", default="ours,sasrec,mostpop", help="Comma list of ours, sasrec, mostpop.")
     p.add_argument("--max-users", type=int, default=None, help="Score a seeded sample of N test users (default all).")
     p.add_argument("--val-users", type=int, default=3000, help="Validation users for early stopping (seeded sample).")
