@@ -193,7 +193,7 @@ def test_http_prefix_path_and_fallbacks(served, catalog, histories):
             assert value(m, "onerec_recommend_latency_seconds_count", path=path) == 2
             assert value(m, "onerec_recommend_latency_seconds_bucket", path=path, le="+Inf") == 2
             assert value(m, "onerec_recommend_latency_seconds_sum", path=path) > 0
-        assert value(m, "onerec_http_responses_total", code="200") == 4
+        assert value(m, "onerec_http_responses_total", code="200") >= 4  # and the /healthz polls
         assert value(m, "onerec_http_responses_total", code="413") == 1
         assert value(m, "onerec_model_info", model_version="1", sid_version=SID_VERSION, data_date=DT) == 1
         midnight = datetime.datetime.fromisoformat(DT).replace(tzinfo=datetime.UTC).timestamp()
