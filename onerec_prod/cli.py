@@ -49,7 +49,7 @@ def _selected(argv: list[str]) -> str | None:
         if skip_next:
             skip_next = False
             continue
-        if tok in ("--config", "--set", "-s", "--log-level"):
+        if tok in ("--config", "--set", "-s", "--log-level", "--log-format"):
             skip_next = True
             continue
         if tok.startswith("-"):
@@ -73,6 +73,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         help="Config override, e.g. --set train.lr=3e-4 (repeatable).",
     )
     parser.add_argument("--log-level", default="INFO", help="Logging level (default INFO).")
+    parser.add_argument("--log-format", default=None, choices=("text", "json"),
+                        help="Log lines as text or one JSON object each (default $ONEREC_LOG_FORMAT, else text).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = _selected(argv)
     for name, (module, help_text) in COMMANDS.items():
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     try:
         cfg = load_config(args.config, args.set)
     except ConfigError as e:

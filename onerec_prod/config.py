@@ -494,6 +494,11 @@ class ServingCfg(_Group):
         10.0, gt=0, description="Per-request deadline: past it /recommend answers 504 and queued work is dropped."
     )
     openapi: bool = Field(False, description="Serve /openapi.json and /docs (off: they describe the API to anyone).")
+    access_log_sample_rate: float = Field(
+        0.01, ge=0.0, le=1.0,
+        description="Share of requests written to the access log (logger onerec_prod.serving.access, with "
+        "their request id); 5xx responses are always logged. 0 turns it off, 1 logs every request.",
+    )
     vllm: VllmCfg = Field(default_factory=VllmCfg)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from onerec_prod import storage
 from onerec_prod.config import Config, load_config
+from onerec_prod.log import log_context
 from onerec_prod.spark_server import SPARK_STAGES  # the Spark jobs, in DAG order
 
 log = logging.getLogger(__name__)
@@ -268,8 +269,8 @@ def run_stage(stage: str, dt: str, cfg: Config | None = None, *, run_tags: dict[
         raise ValueError(f"unknown stage {stage!r} (valid: {', '.join(STAGES)})")
     cfg = cfg or load_config()
     t0 = time.time()
-    log.info("stage %s dt=%s: start", stage, dt)
-    with _tracked(cfg, dt, stage, run_tags) as run:
+    with log_context(dt=dt, stage=stage), _tracked(cfg, dt, stage, run_tags) as run:  # JSON logs: dt, stage
+        log.info("stage %s dt=%s: start", stage, dt)
         if stage in SPARK_STAGES:
             record = _spark_stage(stage, cfg, dt)
         else:

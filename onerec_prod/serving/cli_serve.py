@@ -34,5 +34,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     app = create_app(cfg, model_dir=args.model, model_version=args.model_version,
                      follow_champion=not args.no_follow)
     log.info("serving on http://%s:%d (backend %s)", host, port, cfg.serving.backend)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    # log_config=None: uvicorn's own lines go through the root logger (text or JSON, see onerec_prod.log);
+    # the service writes its own sampled access log with request ids (serving.access_log_sample_rate)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, log_config=None)
     return 0

@@ -32,6 +32,15 @@ Trust no caller (``serving.auth``, ``max_in_flight``, ``request_timeout_s``, ``o
   in-flight slot until then, so timeouts cannot pile up hidden work.
 * ``/openapi.json`` and ``/docs`` exist only with ``serving.openapi=true``.
 
+Observability: ``/metrics`` is ``prometheus_client``'s exposition of a registry owned by this
+service instance (see :class:`Metrics`): process metrics, the ``/recommend`` latency histogram by
+path, counters of fallbacks by reason, shed, timed-out, dropped, failed and unauthorized requests,
+HTTP codes and reloads, and gauges of the serving model (``onerec_model_age_seconds``, its
+training day ``onerec_model_data_date_seconds``, ``onerec_model_info``). Every response carries
+``X-Request-ID`` (the caller's when sane, else a new one); a sampled share of requests
+(``serving.access_log_sample_rate``, every 5xx) leaves one line on the
+``onerec_prod.serving.access`` logger with that id, the status, the duration and the path served.
+
 Model following: a background thread resolves the champion every ``serving.reload_interval_s``
 (``registry.champion``, or an injected resolver) and also watches the newest export of the
 serving version. On a change it loads the new model, export and catalog into a new immutable
@@ -103,6 +112,9 @@ class ServingState:
     # unknown users' answer, best first (see popular_items); empty: they get full generation
     popular: tuple[tuple[Sid, float], ...] = ()
     loaded_at: float = field(default_factory=time.time)
+    # when training wrote the model (unix time) and its training day dt: /metrics' model-age gauges
+    trained_at: float | None = None
+    data_date: str | None = None
     # fast tokenizers must not encode from two threads at once; prompt building is ~1 ms
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
@@ -123,6 +135,30 @@ def popular_items(users: dict[str, UserPrefixes], items: dict[str, dict[str, Any
     total = sum(counts.values()) + len(items)
     ranked = sorted(items, key=lambda i: (-counts.get(i, 0), i))[:n]
     return tuple((tuple(items[i]["sid"]), math.log((counts.get(i, 0) + 1) / total)) for i in ranked)
+
+
+def model_times(model_dir: str | Path) -> tuple[float | None, str | None]:
+    """``(trained_at, data_date)`` of a model dir, for the age gauges of /metrics.
+
+    ``trained_at``: ``onerec_meta.json``'s ``trained_at`` when training records it, else that
+    file's mtime (written once by ``save_model``; the registry download keeps the mtime on a
+    local or mounted artifact store, an object store gives the download time). ``data_date``: the
+    meta's ``dt``, the last day of data the model saw.
+    """
+    from onerec_prod.model.io import META_FILE, read_meta
+
+    try:
+        meta = read_meta(model_dir)
+    except (OSError, ValueError):
+        meta = {}
+    trained_at = meta.get("trained_at")
+    if not isinstance(trained_at, (int, float)):
+        try:
+            trained_at = (Path(model_dir) / META_FILE).stat().st_mtime
+        except OSError:
+            trained_at = None
+    dt = meta.get("dt")
+    return (float(trained_at) if trained_at is not None else None), (str(dt) if dt else None)
 
 
 def find_export(cfg: Config, version: str, model_dir: Path) -> tuple[Path, dict, bool] | None:
@@ -177,13 +213,14 @@ def load_state(cfg: Config, version: str, model_dir: str | Path, *, previous: Se
     if not current:
         log.warning("no export for model version %s yet: serving every user through the fallback "
                     "(histories from %s, version %s)", version, path, exp.model_version)
+    trained_at, data_date = model_times(model_dir)
     state = ServingState(
         model_version=version, model_dir=model_dir, sid_version=sid_version, backend=backend,
         tokenizer=tokenizer, items=items, sid_to_item=sid_to_item, users=exp.users,
         prefixes_current=current, think=bool(manifest.get("think", False)) and current,
         max_items=int(manifest.get("max_history", cfg.samples.max_history)),
         export_id=export_id(path, manifest), tokenizer_lock=tok_lock,
-        popular=popular_items(exp.users, items, cfg.serving.top_n))
+        popular=popular_items(exp.users, items, cfg.serving.top_n), trained_at=trained_at, data_date=data_date)
     log.info("loaded model version %s (%s): %d items, %d users, prefixes %s",
              version, model_dir, len(items), len(exp.users), "current" if current else "stale")
     return state
@@ -249,91 +286,137 @@ def recommend(state: ServingState, user_id: str, events: Sequence[str], k: int, 
 
 
 # --------------------------------------------------------------------------------------
-# metrics (Prometheus text format, no extra dependency)
+# metrics (prometheus_client, one registry per service instance)
+
+
+def _data_date_seconds(dt: str | None) -> float | None:
+    """Unix time of UTC midnight of the model's training day ``dt`` (None when unknown)."""
+    import datetime as _dt
+
+    if not dt:
+        return None
+    try:
+        day = _dt.date.fromisoformat(str(dt)[:10])
+    except ValueError:
+        return None
+    return _dt.datetime(day.year, day.month, day.day, tzinfo=_dt.UTC).timestamp()
+
+
+class _StateCollector:
+    """Gauges read from the serving state at scrape time (the state swaps; no stale values stay behind)."""
+
+    def __init__(self) -> None:
+        self.state: ServingState | None = None
+
+    def describe(self):
+        return []  # families depend on the state; nothing to check at registration
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        state = self.state
+        yield GaugeMetricFamily("onerec_ready", "1 when a model is loaded.", value=int(state is not None))
+        if state is None:
+            return
+        info = GaugeMetricFamily(
+            "onerec_model_info", "The serving model (value 1); labels name it.",
+            labels=["model_version", "sid_version", "backend", "prefixes_current", "data_date"])
+        info.add_metric([state.model_version, str(state.sid_version), str(getattr(state.backend, "name", "")),
+                         str(state.prefixes_current).lower(), state.data_date or ""], 1)
+        yield info
+        yield GaugeMetricFamily("onerec_model_loaded_timestamp_seconds",
+                                "When the serving state was loaded (unix time).", value=state.loaded_at)
+        if state.trained_at is not None:
+            yield GaugeMetricFamily(
+                "onerec_model_trained_timestamp_seconds",
+                "When the serving model's files were written by training (unix time).", value=state.trained_at)
+            yield GaugeMetricFamily(
+                "onerec_model_age_seconds",
+                "Seconds since the serving model was trained: alert when the champion stops refreshing.",
+                value=max(0.0, time.time() - state.trained_at))
+        day = _data_date_seconds(state.data_date)
+        if day is not None:
+            yield GaugeMetricFamily(
+                "onerec_model_data_date_seconds",
+                "The serving model's training day (dt) as unix time of its UTC midnight.", value=day)
 
 
 class Metrics:
-    """Request counts, latency histograms per path, fallbacks by reason, reloads, HTTP codes."""
+    """The service's Prometheus metrics, in their own ``CollectorRegistry``.
+
+    A registry per instance, not the global default: tests and benchmarks build several apps in
+    one process, and each must count only its own requests. Process (CPU, memory, fds), platform
+    and GC collectors are registered too. Model gauges (age, training day, info) are read from
+    the state passed to :meth:`render`.
+    """
+
+    # count() names -> counters (kept from the hand-written version, whose names the tests use)
+    _COUNTERS = {
+        "shed": ("onerec_shed", "Requests refused with 503 because serving.max_in_flight were running."),
+        "timeouts": ("onerec_deadline_exceeded", "Requests answered 504 (serving.request_timeout_s)."),
+        "dropped": ("onerec_deadline_dropped", "Requests whose deadline passed before generation started."),
+        "unauthorized": ("onerec_unauthorized", "Requests refused with 401 (missing or wrong bearer token)."),
+        "failed": ("onerec_request_failures", "Requests that raised an unexpected error (answered 500)."),
+    }
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[str, int] = {"prefix": 0, "fallback": 0}
-        self.fallbacks: dict[str, int] = {}
-        self.buckets: dict[str, list[int]] = {p: [0] * len(LATENCY_BUCKETS) for p in self.requests}
-        self.lat_sum: dict[str, float] = {p: 0.0 for p in self.requests}
-        self.codes: dict[int, int] = {}
-        self.reloads = 0
-        self.reload_failures = 0
-        self.shed = 0
-        self.timeouts = 0
-        self.dropped = 0
-        self.unauthorized = 0
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Histogram,
+            gc_collector,
+            platform_collector,
+            process_collector,
+        )
+
+        self.registry = reg = CollectorRegistry()
+        process_collector.ProcessCollector(registry=reg)
+        platform_collector.PlatformCollector(registry=reg)
+        gc_collector.GCCollector(registry=reg)
+        self.requests = Counter("onerec_recommend_requests", "Answered /recommend requests by path.",
+                                ["path"], registry=reg)
+        self.latency = Histogram("onerec_recommend_latency_seconds", "Server-side /recommend latency.",
+                                 ["path"], buckets=LATENCY_BUCKETS, registry=reg)
+        for p in ("prefix", "fallback"):  # both series exist from the start (rate() needs a zero)
+            self.requests.labels(p)
+            self.latency.labels(p)
+        self.fallbacks = Counter("onerec_fallback", "Requests served by the fallback path, by reason.",
+                                 ["reason"], registry=reg)
+        self.codes = Counter("onerec_http_responses", "HTTP responses by status code.", ["code"], registry=reg)
+        self.reloads = Counter("onerec_model_reloads", "Model/export swaps.", registry=reg)
+        self.reload_failures = Counter("onerec_model_reload_failures",
+                                       "Failed loads (the old model kept serving).", registry=reg)
+        self.counters = {what: Counter(name, doc, registry=reg) for what, (name, doc) in self._COUNTERS.items()}
+        self._state = _StateCollector()
+        reg.register(self._state)
+        self._render_lock = threading.Lock()
 
     def count(self, what: str) -> None:
-        """One more ``shed`` / ``timeouts`` / ``dropped`` / ``unauthorized`` request."""
-        with self._lock:
-            setattr(self, what, getattr(self, what) + 1)
+        """One more ``shed`` / ``timeouts`` / ``dropped`` / ``unauthorized`` / ``failed`` request."""
+        self.counters[what].inc()
 
     def observe(self, path: str, reason: str | None, seconds: float) -> None:
-        with self._lock:
-            self.requests[path] += 1
-            self.lat_sum[path] += seconds
-            for i, le in enumerate(LATENCY_BUCKETS):
-                if seconds <= le:
-                    self.buckets[path][i] += 1
-            if reason is not None:
-                self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
+        self.requests.labels(path).inc()
+        self.latency.labels(path).observe(seconds)
+        if reason is not None:
+            self.fallbacks.labels(reason).inc()
 
     def status(self, code: int) -> None:
-        with self._lock:
-            self.codes[code] = self.codes.get(code, 0) + 1
+        self.codes.labels(str(code)).inc()
 
     def reloaded(self, ok: bool) -> None:
-        with self._lock:
-            if ok:
-                self.reloads += 1
-            else:
-                self.reload_failures += 1
+        (self.reloads if ok else self.reload_failures).inc()
 
     def render(self, state: ServingState | None) -> str:
-        with self._lock:
-            L = ["# HELP onerec_recommend_requests_total Answered /recommend requests by path.",
-                 "# TYPE onerec_recommend_requests_total counter"]
-            L += [f'onerec_recommend_requests_total{{path="{p}"}} {n}' for p, n in self.requests.items()]
-            L += ["# HELP onerec_fallback_total Requests served by full generation, by reason.",
-                  "# TYPE onerec_fallback_total counter"]
-            L += [f'onerec_fallback_total{{reason="{r}"}} {n}' for r, n in sorted(self.fallbacks.items())]
-            L += ["# HELP onerec_recommend_latency_seconds Server-side /recommend latency.",
-                  "# TYPE onerec_recommend_latency_seconds histogram"]
-            for p in self.requests:
-                L += [f'onerec_recommend_latency_seconds_bucket{{path="{p}",le="{le}"}} {n}'
-                      for le, n in zip(LATENCY_BUCKETS, self.buckets[p], strict=True)]
-                L += [f'onerec_recommend_latency_seconds_bucket{{path="{p}",le="+Inf"}} {self.requests[p]}',
-                      f'onerec_recommend_latency_seconds_sum{{path="{p}"}} {self.lat_sum[p]:.6f}',
-                      f'onerec_recommend_latency_seconds_count{{path="{p}"}} {self.requests[p]}']
-            L += ["# HELP onerec_http_responses_total HTTP responses by status code.",
-                  "# TYPE onerec_http_responses_total counter"]
-            L += [f'onerec_http_responses_total{{code="{c}"}} {n}' for c, n in sorted(self.codes.items())]
-            L += ["# HELP onerec_model_reloads_total Model/export swaps.", "# TYPE onerec_model_reloads_total counter",
-                  f"onerec_model_reloads_total {self.reloads}",
-                  "# HELP onerec_model_reload_failures_total Failed loads (the old model kept serving).",
-                  "# TYPE onerec_model_reload_failures_total counter",
-                  f"onerec_model_reload_failures_total {self.reload_failures}",
-                  "# HELP onerec_shed_total Requests refused with 503 because serving.max_in_flight were running.",
-                  "# TYPE onerec_shed_total counter", f"onerec_shed_total {self.shed}",
-                  "# HELP onerec_deadline_exceeded_total Requests answered 504 (serving.request_timeout_s).",
-                  "# TYPE onerec_deadline_exceeded_total counter", f"onerec_deadline_exceeded_total {self.timeouts}",
-                  "# HELP onerec_deadline_dropped_total Requests whose deadline passed before generation started.",
-                  "# TYPE onerec_deadline_dropped_total counter", f"onerec_deadline_dropped_total {self.dropped}",
-                  "# HELP onerec_unauthorized_total Requests refused with 401 (missing or wrong bearer token).",
-                  "# TYPE onerec_unauthorized_total counter", f"onerec_unauthorized_total {self.unauthorized}",
-                  "# HELP onerec_ready 1 when a model is loaded.", "# TYPE onerec_ready gauge",
-                  f"onerec_ready {int(state is not None)}"]
-            if state is not None:
-                L += ["# HELP onerec_model_info The serving model.", "# TYPE onerec_model_info gauge",
-                      f'onerec_model_info{{model_version="{state.model_version}",sid_version="{state.sid_version}",'
-                      f'backend="{state.backend.name}",prefixes_current="{str(state.prefixes_current).lower()}"}} 1']
-            return "\n".join(L) + "\n"
+        """The Prometheus text exposition, with the model gauges of ``state``."""
+        from prometheus_client import generate_latest
+
+        with self._render_lock:  # the state collector holds one state per scrape
+            self._state.state = state
+            try:
+                return generate_latest(self.registry).decode()
+            finally:
+                self._state.state = None
 
 
 # --------------------------------------------------------------------------------------
@@ -483,24 +566,84 @@ class BearerToken:
 OPEN_PATHS = ("/healthz",)  # liveness/readiness probes carry no token
 
 
-class Guard:
-    """ASGI middleware, in order: counts status codes; 401 without the bearer token (before the
-    body is read); 413 for bodies over ``max_bytes`` (declared or streamed)."""
+access_log = logging.getLogger("onerec_prod.serving.access")
+REQUEST_ID_HEADER = b"x-request-id"
 
-    def __init__(self, app, max_bytes: int, metrics: Metrics, token: BearerToken | None) -> None:
+
+def request_id(headers: dict[bytes, bytes]) -> str:
+    """The caller's ``X-Request-ID`` when it is a sane token (1-128 of ``[A-Za-z0-9._:-]``), else a new one.
+
+    A caller's id is kept so one request can be followed through a gateway and this service; an
+    id that could break a log line or a header (spaces, quotes, control bytes) is replaced.
+    """
+    import re
+    import uuid
+
+    got = headers.get(REQUEST_ID_HEADER)
+    if got and len(got) <= 128 and re.fullmatch(rb"[A-Za-z0-9._:\-]+", got):
+        return got.decode("ascii")
+    return uuid.uuid4().hex
+
+
+class Guard:
+    """ASGI middleware, in order: gives the request an id (``X-Request-ID``, echoed in the
+    response) and counts status codes; 401 without the bearer token (before the body is read);
+    413 for bodies over ``max_bytes`` (declared or streamed). An unexpected error is logged with
+    the request id, counted (``onerec_request_failures_total``) and answered 500. At the end one
+    access-log line for a sampled share of requests (``access_sample_rate``; every 5xx)."""
+
+    def __init__(self, app, max_bytes: int, metrics: Metrics, token: BearerToken | None,
+                 access_sample_rate: float = 0.0) -> None:
+        import random
+
         self.app, self.max_bytes, self.metrics, self.token = app, max_bytes, metrics, token
+        self.access_sample_rate = access_sample_rate
+        self._random = random.Random()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        from onerec_prod.log import log_context
+
+        headers = dict(scope.get("headers") or [])
+        rid = request_id(headers)
+        scope.setdefault("state", {})
+        status: list[int] = []
+        t0 = time.perf_counter()
 
         async def send_counted(message) -> None:
             if message["type"] == "http.response.start":
-                self.metrics.status(int(message["status"]))
+                status.append(int(message["status"]))
+                self.metrics.status(status[0])
+                message = {**message, "headers": [*message.get("headers", ()), (REQUEST_ID_HEADER, rid.encode())]}
             await send(message)
 
-        headers = dict(scope.get("headers") or [])
+        with log_context(request_id=rid):
+            try:
+                await self._guarded(scope, receive, send_counted, headers)
+            except Exception:
+                self.metrics.count("failed")
+                log.exception("request %s %s %s failed", rid, scope.get("method"), scope.get("path"))
+                if not status:
+                    await _json(send_counted, 500, {"error": "internal error", "request_id": rid})
+            finally:
+                self._access(scope, rid, status[0] if status else None, time.perf_counter() - t0)
+
+    def _access(self, scope, rid: str, status: int | None, seconds: float) -> None:
+        """One access-log line: every 5xx, other requests with probability ``access_sample_rate``."""
+        server_error = status is not None and status >= 500
+        if not server_error and (self.access_sample_rate <= 0 or self._random.random() >= self.access_sample_rate):
+            return
+        served = scope.get("state", {}).get("onerec_served") or {}
+        fields = {"request_id": rid, "method": scope.get("method"), "http_path": scope.get("path"),
+                  "status": status, "duration_ms": round(seconds * 1000.0, 3), **served}
+        access_log.log(logging.WARNING if server_error else logging.INFO,
+                       "%s %s %s %s %.1fms%s", rid, fields["method"], fields["http_path"],
+                       status if status is not None else "-", fields["duration_ms"],
+                       "".join(f" {k}={v}" for k, v in served.items()), extra=fields)
+
+    async def _guarded(self, scope, receive, send_counted, headers) -> None:
         if self.token is not None and scope.get("path") not in OPEN_PATHS:
             if not self.token.accepts(headers.get(b"authorization")):
                 self.metrics.count("unauthorized")
@@ -641,7 +784,7 @@ def create_app(
 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.responses import JSONResponse, Response
 
     scfg = cfg.serving
     token = None
@@ -705,7 +848,7 @@ def create_app(
             raise DeadlineExceeded(f"not done within {scfg.request_timeout_s}s")
         return wrapped.result()
 
-    async def recommend_endpoint(body):
+    async def recommend_endpoint(body, request):
         t0 = time.perf_counter()
         deadline = time.monotonic() + scfg.request_timeout_s
         state = watcher.state  # read once: this request finishes on this state
@@ -729,11 +872,13 @@ def create_app(
                 return JSONResponse(status_code=422, content={"error": str(e)})
         elapsed = time.perf_counter() - t0
         metrics.observe(out["path"], out["fallback_reason"], elapsed)
+        request.state.onerec_served = {"model_version": out["model_version"], "serve_path": out["path"],
+                                       **({"fallback_reason": out["fallback_reason"]} if out["fallback_reason"] else {})}
         out["latency_ms"] = round(elapsed * 1000.0, 3)
         return out
 
     # the body model is built from the config at runtime: give FastAPI the class, not a string
-    recommend_endpoint.__annotations__ = {"body": RecommendRequest}
+    recommend_endpoint.__annotations__ = {"body": RecommendRequest, "request": Request}
     app.post("/recommend")(recommend_endpoint)
 
     @app.get("/healthz")
@@ -746,9 +891,12 @@ def create_app(
 
     @app.get("/metrics")
     def metrics_endpoint():
-        return PlainTextResponse(metrics.render(watcher.state), media_type="text/plain; version=0.0.4")
+        from prometheus_client import CONTENT_TYPE_LATEST
 
-    app.add_middleware(Guard, max_bytes=scfg.max_body_bytes, metrics=metrics, token=token)
+        return Response(metrics.render(watcher.state), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(Guard, max_bytes=scfg.max_body_bytes, metrics=metrics, token=token,
+                       access_sample_rate=scfg.access_log_sample_rate)
     return app
 
 

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import logging
 import random
 import shutil
 import threading
@@ -28,10 +30,11 @@ SID_VERSION = "sid-test"
 
 
 def make_model_dir(src: Path, dst: Path) -> Path:
-    """A copy of the tiny model whose meta names the catalog's sid_version."""
+    """A copy of the tiny model whose meta names the catalog's sid_version and its training day."""
     shutil.copytree(src, dst)
     meta = json.loads((dst / "onerec_meta.json").read_text())
     meta["sid_version"] = SID_VERSION
+    meta["dt"] = DT
     (dst / "onerec_meta.json").write_text(json.dumps(meta))
     return dst
 
@@ -86,6 +89,22 @@ def wait_for(client, pred, timeout: float = 60.0) -> dict:
             return last
         time.sleep(0.05)
     raise AssertionError(f"/healthz never satisfied the condition; last: {last}")
+
+
+def scrape(client, **kw) -> list:
+    """GET /metrics, parsed by prometheus_client's own text parser: the samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = client.get("/metrics", **kw)
+    assert r.status_code == 200, r.text
+    return [s for fam in text_string_to_metric_families(r.text) for s in fam.samples]
+
+
+def value(samples: list, name: str, **labels: str) -> float | None:
+    """The value of the one sample ``name`` whose labels include ``labels`` (None: no such sample)."""
+    hits = [s.value for s in samples if s.name == name and labels.items() <= s.labels.items()]
+    assert len(hits) <= 1, f"{name}{labels}: {len(hits)} samples"
+    return hits[0] if hits else None
 
 
 def assert_catalog_items(body: dict, catalog: list[dict], k: int) -> None:
@@ -164,14 +183,64 @@ def test_http_prefix_path_and_fallbacks(served, catalog, histories):
         r = c.post("/recommend", content=chunks(), headers={"content-type": "application/json"})
         assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]
 
-        m = c.get("/metrics").text
-        assert 'onerec_recommend_requests_total{path="prefix"} 2' in m
-        assert 'onerec_recommend_requests_total{path="fallback"} 2' in m
-        assert 'onerec_fallback_total{reason="unknown_user"} 1' in m
-        assert 'onerec_fallback_total{reason="fresh_events"} 1' in m
-        assert 'onerec_recommend_latency_seconds_count{path="prefix"} 2' in m
-        assert 'onerec_model_info{model_version="1"' in m
-        assert 'onerec_http_responses_total{code="413"} 1' in m
+        m = scrape(c)
+        assert value(m, "onerec_recommend_requests_total", path="prefix") == 2
+        assert value(m, "onerec_recommend_requests_total", path="fallback") == 2
+        assert value(m, "onerec_fallback_total", reason="unknown_user") == 1
+        assert value(m, "onerec_fallback_total", reason="fresh_events") == 1
+        # the latency histogram counted the 4 answered requests, each in some bucket
+        for path in ("prefix", "fallback"):
+            assert value(m, "onerec_recommend_latency_seconds_count", path=path) == 2
+            assert value(m, "onerec_recommend_latency_seconds_bucket", path=path, le="+Inf") == 2
+            assert value(m, "onerec_recommend_latency_seconds_sum", path=path) > 0
+        assert value(m, "onerec_http_responses_total", code="200") >= 4  # and the /healthz polls
+        assert value(m, "onerec_http_responses_total", code="413") == 1
+        assert value(m, "onerec_model_info", model_version="1", sid_version=SID_VERSION, data_date=DT) == 1
+        midnight = datetime.datetime.fromisoformat(DT).replace(tzinfo=datetime.UTC).timestamp()
+        assert value(m, "onerec_model_data_date_seconds") == midnight
+        # champion age: from the time training wrote the model dir
+        trained = (model_dir / "onerec_meta.json").stat().st_mtime
+        assert value(m, "onerec_model_trained_timestamp_seconds") == pytest.approx(trained)
+        age = value(m, "onerec_model_age_seconds")
+        assert age is not None and 0 <= age <= time.time() - trained + 1
+        assert value(m, "onerec_ready") == 1
+        assert value(m, "process_resident_memory_bytes") > 0  # process collector
+        assert value(m, "onerec_shed_total") == 0 and value(m, "onerec_request_failures_total") == 0
+
+
+def test_request_ids_and_access_log(served, caplog):
+    """A sane X-Request-ID is echoed, anything else replaced by a new id; with
+    serving.access_log_sample_rate=1 every request leaves an access-log line with its id."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from onerec_prod.log import JsonFormatter
+    from onerec_prod.serving.service import create_app
+
+    cfg, model_dir = served
+    cfg = load_cfg(Path(cfg.paths.var_root), "serving.reload_interval_s=0.2", "serving.access_log_sample_rate=1.0")
+    app = create_app(cfg, champion_resolver=lambda: ("1", model_dir))
+    with TestClient(app) as c, caplog.at_level(logging.INFO, logger="onerec_prod.serving.access"):
+        wait_for(c, lambda h: h["model_version"] == "1")
+        r = c.post("/recommend", json={"user_id": "u3"}, headers={"X-Request-ID": "gw-7f3a.0001"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "gw-7f3a.0001"
+        r = c.post("/recommend", json={"user_id": "nobody-known"}, headers={"X-Request-ID": 'bad id "quoted"'})
+        generated = r.headers["x-request-id"]
+        assert r.status_code == 200 and re.fullmatch("[0-9a-f]{32}", generated)
+        r = c.post("/recommend", json={"user_id": "u3", "k": 0})
+        assert r.status_code == 422 and re.fullmatch("[0-9a-f]{32}", r.headers["x-request-id"])
+        invalid_id = r.headers["x-request-id"]
+    lines = {rec.request_id: rec for rec in caplog.records if rec.name == "onerec_prod.serving.access"}
+    given = lines["gw-7f3a.0001"]
+    assert (given.status, given.method, given.http_path) == (200, "POST", "/recommend")
+    assert (given.model_version, given.serve_path) == ("1", "prefix")
+    assert given.getMessage().startswith("gw-7f3a.0001 POST /recommend 200 ")
+    assert (lines[generated].serve_path, lines[generated].fallback_reason) == ("fallback", "unknown_user")
+    assert lines[invalid_id].status == 422
+    as_json = json.loads(JsonFormatter().format(given))
+    assert as_json["request_id"] == "gw-7f3a.0001" and as_json["status"] == 200
+    assert as_json["logger"] == "onerec_prod.serving.access" and as_json["duration_ms"] > 0
 
 
 def test_stale_rows_fall_back(served, catalog):
@@ -188,7 +257,7 @@ def test_stale_rows_fall_back(served, catalog):
         body = c.post("/recommend", json={"user_id": "u3"}).json()
         assert body["path"] == "fallback" and body["model_version"] == "7"
         assert_catalog_items(body, catalog, cfg.serving.top_n)
-        assert 'onerec_fallback_total{reason="stale"} 1' in c.get("/metrics").text
+        assert value(scrape(c), "onerec_fallback_total", reason="stale") == 1
 
 
 def test_think_mode_serves_the_stored_rationale(tmp_path, tiny_model_dir, catalog, histories):
@@ -281,7 +350,8 @@ def test_not_ready_without_a_champion(served):
         assert c.get("/healthz").status_code == 503
         r = c.post("/recommend", json={"user_id": "u1"})
         assert r.status_code == 503 and "no model" in r.json()["error"]
-        assert "onerec_ready 0" in c.get("/metrics").text
+        m = scrape(c)
+        assert value(m, "onerec_ready") == 0 and value(m, "onerec_model_age_seconds") is None
 
 
 def perturbed_model_dir(src: Path, dst: Path, seed: int) -> Path:
@@ -374,7 +444,7 @@ def test_follows_champion_without_downtime(tmp_path, tiny_model_dir, catalog, hi
         wait_for(c, lambda h: h["model_version"] == v2 and h["prefixes_current"])
         body = c.post("/recommend", json={"user_id": "u1"}).json()
         assert body["path"] == "prefix" and body["model_version"] == v2
-        assert "onerec_model_reloads_total 3" in c.get("/metrics").text
+        assert value(scrape(c), "onerec_model_reloads_total") == 3
 
         # rollback 2 -> 1 while serving: the weights in memory are version 1's, tensor for tensor
         assert registry.rollback(cfg)["champion"] == v1
@@ -420,7 +490,7 @@ def test_bearer_token_from_a_file_and_docs_off(served, tmp_path):
         assert c.post("/recommend", json={"user_id": "u3"}, headers=good).status_code == 401
         new = {"Authorization": "Bearer second-token-with-another-length"}
         assert c.post("/recommend", json={"user_id": "u3"}, headers=new).status_code == 200
-        assert "onerec_unauthorized_total 5" in c.get("/metrics", headers=new).text
+        assert value(scrape(c, headers=new), "onerec_unauthorized_total") == 5
 
     secret.write_text("  \n")
     with pytest.raises(ValueError, match="empty"):
@@ -500,7 +570,7 @@ def test_in_flight_limit_deadline_and_cheap_unknown_users(tmp_path, served, cata
             time.sleep(0.01)
         r = c.post("/recommend", json=fresh)
         assert r.status_code == 200 and r.json()["path"] == "fallback"
-        m = c.get("/metrics").text
-        assert "onerec_shed_total 1" in m and "onerec_deadline_exceeded_total 2" in m
-        assert "onerec_deadline_dropped_total 2" in m  # never reached the model
-        assert 'onerec_http_responses_total{code="504"} 2' in m
+        m = scrape(c)
+        assert value(m, "onerec_shed_total") == 1 and value(m, "onerec_deadline_exceeded_total") == 2
+        assert value(m, "onerec_deadline_dropped_total") == 2  # never reached the model
+        assert value(m, "onerec_http_responses_total", code="504") == 2

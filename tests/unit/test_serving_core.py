@@ -184,22 +184,56 @@ def test_empty_completion_falls_back():
     assert [c[0] for c in be.calls] == ["complete", "full"]
 
 
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+            for fam in text_string_to_metric_families(text) for smp in fam.samples}
+
+
 def test_metrics_histogram_is_cumulative():
     m = Metrics()
     for s in (0.003, 0.02, 0.7):
         m.observe("prefix", None, s)
     m.observe("fallback", "stale", 20.0)
     m.status(200)
-    text = m.render(None)
-    assert 'onerec_recommend_latency_seconds_bucket{path="prefix",le="0.005"} 1' in text
-    assert 'onerec_recommend_latency_seconds_bucket{path="prefix",le="0.025"} 2' in text
-    assert 'onerec_recommend_latency_seconds_bucket{path="prefix",le="0.5"} 2' in text
-    assert 'onerec_recommend_latency_seconds_bucket{path="prefix",le="1.0"} 3' in text
-    assert 'onerec_recommend_latency_seconds_bucket{path="fallback",le="10.0"} 0' in text
-    assert 'onerec_recommend_latency_seconds_bucket{path="fallback",le="+Inf"} 1' in text
-    assert 'onerec_recommend_latency_seconds_sum{path="prefix"} 0.723000' in text
-    assert 'onerec_fallback_total{reason="stale"} 1' in text and "onerec_ready 0" in text
-    assert json.dumps(text)  # plain text, no NaN/objects
+    got = _samples(m.render(None))
+
+    def bucket(path, le):
+        return got[("onerec_recommend_latency_seconds_bucket", (("le", le), ("path", path)))]
+
+    assert [bucket("prefix", le) for le in ("0.005", "0.025", "0.5", "1.0", "+Inf")] == [1, 2, 2, 3, 3]
+    assert (bucket("fallback", "10.0"), bucket("fallback", "+Inf")) == (0, 1)
+    assert got[("onerec_recommend_latency_seconds_sum", (("path", "prefix"),))] == pytest.approx(0.723)
+    assert got[("onerec_recommend_latency_seconds_count", (("path", "prefix"),))] == 3
+    assert got[("onerec_fallback_total", (("reason", "stale"),))] == 1
+    assert got[("onerec_http_responses_total", (("code", "200"),))] == 1
+    assert got[("onerec_ready", ())] == 0 and ("onerec_model_age_seconds", ()) not in got
+
+
+def test_metrics_model_gauges_and_separate_registries():
+    """Model age and training day come from the state of the scrape; two services never share counts."""
+    import dataclasses
+    import time
+
+    be = FakeBackend([], [])
+    be.name = "fake"
+    trained = time.time() - 3600.0
+    st = dataclasses.replace(state(be), trained_at=trained, data_date="2014-03-07")
+    a, b = Metrics(), Metrics()
+    a.count("shed")
+    a.count("failed")
+    got = _samples(a.render(st))
+    assert got[("onerec_ready", ())] == 1
+    assert 3600.0 <= got[("onerec_model_age_seconds", ())] < 3600.0 + 600
+    assert got[("onerec_model_trained_timestamp_seconds", ())] == pytest.approx(trained)
+    assert got[("onerec_model_data_date_seconds", ())] == 1394150400.0  # 2014-03-07T00:00:00Z
+    info = [k for k in got if k[0] == "onerec_model_info"]
+    assert info == [("onerec_model_info", (("backend", "fake"), ("data_date", "2014-03-07"), ("model_version", "3"),
+                                           ("prefixes_current", "true"), ("sid_version", "s1")))]
+    assert got[("onerec_shed_total", ())] == 1 and got[("onerec_request_failures_total", ())] == 1
+    other = _samples(b.render(None))
+    assert other[("onerec_shed_total", ())] == 0 and other[("onerec_request_failures_total", ())] == 0
 
 
 def test_resolvers_pinned_following_and_once(monkeypatch, tmp_path):
