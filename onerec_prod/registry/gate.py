@@ -116,7 +116,7 @@ class GateResult:
         else:
             text = "FAILED"
         return f"gate {text} [mode={self.mode}, {len(self.checks) - len(self.failures)}/{len(self.checks)} checks passed" + (
-            ", first model: floors only]" if self.first_model else "]"
+            ", first model: floors and baselines]" if self.first_model else "]"
         )
 
     def format_table(self) -> str:
