@@ -215,7 +215,9 @@ def stage_promote(cfg: Config, dt: str, *, is_backfill: bool = False, **_: Any) 
     if is_backfill and not cfg.gate.backfill_moves_champion:
         return {"promoted": False, "reason": "backfill run and gate.backfill_moves_champion=false",
                 "version": version}
-    res = promote(cfg, version, actor="airflow:onerec_daily", reason=f"daily gate passed dt={dt}")
+    why = (f"daily gate passed dt={dt}" if gate.get("passed")
+           else f"daily gate failed in mode {gate.get('mode')} (not blocking) dt={dt}")
+    res = promote(cfg, version, actor="airflow:onerec_daily", reason=why)
     return {"promoted": True, "version": version, **{k: v for k, v in res.items() if k != "version"}}
 
 
