@@ -52,7 +52,7 @@ def test_missing_landing_fails_the_day_clearly_and_nothing_runs(tmp_path):
     # the failure names what was missing, in the landing task's log
     logs = airflow_local.failed_task_logs(cfg)
     assert "task_id=landing" in logs, logs[:500]
-    assert f"no *.jsonl yet in {cfg.paths.raw}/events/dt={DAY}" in logs
+    assert f"no _SUCCESS marker yet in {cfg.paths.raw}/events/dt={DAY}" in logs
     # nothing downstream ran: no Delta table, no candidate model was written
     assert not Path(cfg.paths.lake).exists() or not any(Path(cfg.paths.lake).iterdir())
     assert not (Path(cfg.paths.models) / "candidates").exists()
