@@ -404,6 +404,10 @@ class GateCfg(_Group):
         0.0, ge=0, description="Tolerated drop vs the champion on top of the noise (absolute)."
     )
     n_boot: int = Field(1000, ge=100, description="Bootstrap resamples of the paired test.")
+    min_events: int = Field(
+        0, ge=0, description="Fewest eval events the gate will judge on (0: no minimum); below it the "
+        "candidate is not promoted (one hit on a handful of events is no evidence).",
+    )
     max_regression: dict[str, float] = Field(
         default_factory=lambda: {"bertscore_f1": 0.02},
         description="Metric -> max absolute drop vs champion, for metrics without per-user gains.",

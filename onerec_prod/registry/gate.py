@@ -197,6 +197,13 @@ def gate(
         return {"low": i.get("low"), "high": i.get("high"), "n": i.get("n")}
 
     checks: list[Check] = []
+    min_events = int(getattr(gate_cfg, "min_events", 0) or 0)
+    if min_events:
+        n = max((len(v) for v in (gains or {}).values()), default=0)
+        ok = n >= min_events
+        checks.append(Check("events", "floor", float(n), float(min_events), None, ok,
+                            "" if ok else f"only {n} eval events: too few to judge (gate.min_events={min_events})",
+                            n=n))
     for metric, floor in sorted(gate_cfg.floors.items()):
         v = _num(candidate, metric)
         if v is None:

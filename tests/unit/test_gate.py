@@ -179,3 +179,11 @@ def test_paired_margin_and_missing_gains():
     assert gate(_means(cand), _means(champ), loose, gains=cand, champion_gains=champ, baselines=mp).passed
     r = gate(_means(cand), _means(champ), cfg(**STAT), gains=cand, champion_gains=None, baselines=mp)
     assert not r.passed and "per-user gains missing" in r.failures[0].message
+
+
+def test_too_few_events_are_not_judged():
+    g = _gains([1] + [0] * 83)  # one hit in 84 events beats a MostPop with none
+    mp = {"mostpop": {"recall@10": 0.0, "ndcg@10": 0.0}}
+    assert gate(_means(g), None, cfg(**STAT), gains=g, baselines=mp).passed
+    r = gate(_means(g), None, cfg(**STAT, min_events=200), gains=g, baselines=mp)
+    assert not r.passed and "too few to judge" in r.failures[0].message and r.failures[0].n == 84
