@@ -2,7 +2,7 @@
 
 ``airflow dags test`` runs ``onerec_daily`` for one landed day on a fresh sqlite metadata DB,
 with the chaos drill ``airflow.chaos_hang_task=update_catalog`` (the task sleeps forever inside
-its MLflow stage run) and a 3 s ``execution_timeout`` for it. The task must fail with Airflow's
+its MLflow stage run) and a 30 s ``execution_timeout`` for it. The task must fail with Airflow's
 timeout, nothing downstream may run, the failure notifier must POST the alert to a real webhook on
 127.0.0.1 and append it to ``alerts.jsonl``, and the stage's MLflow run must end FAILED with the
 timeout as its error. About a minute.
@@ -50,7 +50,7 @@ def webhook():
 
 
 def test_hung_task_times_out_and_the_failure_notifier_fires(tmp_path, webhook):
-    from onerec_prod import airflow_local
+    from onerec_prod import airflow_local, replay
     from onerec_prod.config import load_config
     from onerec_prod.registry import tracking
 
@@ -64,13 +64,13 @@ def test_hung_task_times_out_and_the_failure_notifier_fires(tmp_path, webhook):
         "airflow.task_timeout_s.update_catalog=30",
         f"airflow.notify_webhook_url={url}",
         "airflow.sensor_poke_interval_s=1",
+        "airflow.sensor_timeout_s=120",  # a day that never lands fails the test fast, not at 480 s
     ]
     cfg_path = REPO / "configs" / "test.yaml"
     cfg = load_config(cfg_path, overrides, environ={})
-    for kind in ("events", "items"):  # the day has landed: the sensor passes at its first poke
-        d = Path(cfg.paths.raw) / kind / f"dt={DAY}"
-        d.mkdir(parents=True)
-        (d / "part-0.jsonl").write_text("{}\n")
+    for kind in ("events", "items"):  # the day has landed (data + _SUCCESS): the sensor passes at its first poke
+        replay.write_partition(Path(cfg.paths.raw) / kind / f"dt={DAY}", ["{}"], None)
+    assert replay.landing_missing(cfg, DAY) == []
     tracking.ensure_experiment(cfg)  # the store exists: the hung task's run opens well within 30 s
     env = airflow_local.airflow_env(cfg, str(cfg_path), airflow_local.overrides_env(overrides))
     af = airflow_local._airflow_bin()
