@@ -45,7 +45,7 @@ class EvalInputs:
     catalog: list[dict[str, Any]]           # item_id, title, categories, sid, sid_version, first_seen_dt
     train_sequences: list[list[str]]        # per user, oldest first, eval events excluded
     data_versions: dict[str, int | None] = field(default_factory=dict)
-    recent_sequences: list[list[str]] | None = None  # MostPop's window (None: train_sequences)
+    recent_counts: dict[str, int] | None = None  # MostPop's window: events per item (None: train_sequences)
 
 
 # --------------------------------------------------------------------------------------
@@ -98,7 +98,8 @@ def read_eval_inputs(spark, cfg: Config, dt: str) -> EvalInputs:
     recent = None
     if cfg.eval.mostpop_window_days:
         mlo = window_start(dt, cfg.eval.mostpop_window_days)
-        recent = [[r["item_id"] for r in train.where(F.col("dt") >= mlo).select("item_id").collect()]]
+        recent = {r["item_id"]: int(r["n"]) for r in  # counted by Spark: one row per item, not per event
+                  train.where(F.col("dt") >= mlo).groupBy("item_id").agg(F.count(F.lit(1)).alias("n")).collect()}
     log.info("eval inputs dt=%s: %d snapshot users, %d catalog items, %d training sequences, versions %s",
              dt, len(snapshot), len(catalog), len(train_sequences), versions)
     return EvalInputs(dt, snapshot, catalog, train_sequences, versions, recent)
@@ -229,7 +230,7 @@ def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, t
         ecfg.baselines, inputs.train_sequences, [u["history"] for u in users], targets, ecfg.ks,
         sasrec_params={"epochs": ecfg.sasrec_epochs, "dim": ecfg.sasrec_dim, "max_len": ecfg.sasrec_max_len,
                        "device": dev},
-        seed=ecfg.seed, mostpop_sequences=inputs.recent_sequences,
+        seed=ecfg.seed, mostpop_counts=inputs.recent_counts,
     ) if (ecfg.baselines and with_baselines) else {}
     timing["baselines_s"] = time.perf_counter() - t3
     timing["total_s"] = time.perf_counter() - t0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from onerec_prod.eval.metrics import compute_metrics
@@ -36,7 +36,15 @@ class MostPop:
 
     @classmethod
     def fit(cls, sequences: Iterable[Sequence[str]]) -> MostPop:
-        counts = Counter(item for seq in sequences for item in seq)
+        return cls.from_counts(Counter(item for seq in sequences for item in seq))
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, int]) -> MostPop:
+        """From events per item (e.g. counted by Spark): the same ranking as :meth:`fit`.
+
+        >>> MostPop.from_counts({"a": 1, "b": 3, "c": 1}).ranking
+        ['b', 'a', 'c']
+        """
         ranking = sorted(counts, key=lambda it: (-counts[it], str(it)))
         return cls(ranking, dict(counts))
 
@@ -54,11 +62,11 @@ def run_baselines(
     *,
     sasrec_params: dict[str, Any] | None = None,
     seed: int = 0,
-    mostpop_sequences: Sequence[Sequence[str]] | None = None,
+    mostpop_counts: Mapping[str, int] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train each baseline in ``names`` on ``train_sequences`` and score it on ``histories``/``targets``.
 
-    ``mostpop_sequences``: MostPop's counts come from these instead (e.g. the trailing days' events:
+    ``mostpop_counts``: MostPop's events per item come from these instead (e.g. the trailing days':
     on a next-day eval recent popularity is a far stronger baseline than all-time counts).
 
     Raises:
@@ -74,8 +82,8 @@ def run_baselines(
     for name in names:
         t0 = time.perf_counter()
         if name == "mostpop":
-            ranked = MostPop.fit(train_sequences if mostpop_sequences is None else mostpop_sequences).recommend(
-                histories, k_max)
+            pop = MostPop.fit(train_sequences) if mostpop_counts is None else MostPop.from_counts(mostpop_counts)
+            ranked = pop.recommend(histories, k_max)
         else:
             from onerec_prod.eval.sasrec import SasrecParams, train_sasrec
 

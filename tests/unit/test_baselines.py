@@ -79,3 +79,14 @@ def test_sasrec_params_validate():
         SasrecParams(dim=10, n_heads=3)
     with pytest.raises(ValueError, match="loss"):
         SasrecParams(loss="mse")
+
+
+def test_mostpop_from_counts_is_fit_and_run_baselines_uses_the_window_counts():
+    seqs = [["b", "a", "c"], ["c", "b"], ["c"], ["d", "a"]]
+    fit, counted = MostPop.fit(seqs), MostPop.from_counts({"a": 2, "b": 2, "c": 3, "d": 1})
+    assert counted.ranking == fit.ranking and counted.counts == fit.counts
+    # all-time b leads; in the trailing window (counts from Spark) c does: the window decides
+    train = [["a", "b"], ["b", "c"], ["b"]]
+    window = run_baselines(["mostpop"], train, [["a"]], ["c"], [1], mostpop_counts={"c": 4, "b": 1})
+    alltime = run_baselines(["mostpop"], train, [["a"]], ["c"], [1])
+    assert window["mostpop"]["recall@1"] == 1.0 and alltime["mostpop"]["recall@1"] == 0.0
