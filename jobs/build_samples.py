@@ -148,19 +148,41 @@ def _samples_frame(spark, samples: Sequence[Mapping[str, Any]]):
     return spark.createDataFrame([tuple(s[n] for n in names) for s in samples], st)
 
 
+def day_cooccurrence(kept, items_bc, max_history: int):
+    """The ``evidence`` rationale source's co-occurrence counts over the whole day's reasoning
+    requests: counted per partition on the executors, then summed. Only the counts (bounded by
+    the number of leaf categories) reach the driver, never the day's examples."""
+    from onerec_prod.samples.rationale import EvidenceRationale
+
+    def per_partition(rows):
+        from onerec_prod.samples import builders as b
+
+        exs = [dict(r.asDict(), history=[str(i) for i in r["history"]]) for r in rows]
+        yield EvidenceRationale.cooccurrence(b.reasoning_requests(exs, items_bc.value, max_history))
+
+    cols = ["event_id", "user_id", "history", "target_item_id", "ts"]
+    return kept.select(*cols).rdd.mapPartitions(per_partition).fold(
+        EvidenceRationale.cooccurrence([]), EvidenceRationale.merge_counts)
+
+
 def _build_on_executors(spark, kept, items: dict, *, dt: str, sid_version: str, samples_cfg):
     """The ``users`` and ``examples`` tasks of the registry on the executors (``mapInPandas``).
 
     ``examples`` tasks: per Arrow batch (any split gives the same rows). ``users`` tasks: the
     examples hash-partitioned by ``user_id``, so every example of a user is in one partition, and
-    the builders run once over the whole partition. Only the ``category`` rationale source runs
-    here (built per worker); the teacher stays on the driver.
+    the builders run once over the whole partition. The rationale source is rebuilt per worker
+    from the config (sources with ``executors = True``: ``category``, and ``evidence`` with the
+    day's co-occurrence counts from :func:`day_cooccurrence`, so every batch writes what one call
+    over the whole day writes); the teacher stays on the driver.
     """
     from onerec_prod.schemas import load_schema
 
     st = load_schema("samples").spark_schema()
     names = [f.name for f in st.fields]
     items_bc = spark.sparkContext.broadcast(items)
+    counts_bc = None
+    if samples_cfg.rationale_source == "evidence":
+        counts_bc = spark.sparkContext.broadcast(day_cooccurrence(kept, items_bc, samples_cfg.max_history))
     cfg_json = samples_cfg.model_dump_json()
     hk = {"dt": dt, "sid_version": sid_version, "max_history": samples_cfg.max_history}
 
@@ -174,6 +196,8 @@ def _build_on_executors(spark, kept, items: dict, *, dt: str, sid_version: str, 
 
             c = SamplesCfg.model_validate_json(cfg_json)
             source_ = make_rationale_source(c.rationale_source, c)
+            if counts_bc is not None:
+                source_.counts = counts_bc.value
             # users: the whole partition at once (a user's examples may span Arrow batches)
             if source == "users":
                 whole = list(batches)
@@ -275,12 +299,12 @@ def build_frame(spark, kept, n_kept: int, items, caption_items, general_items, *
     """(samples frame of every registered task, built_on, teacher fallbacks or None).
 
     On the driver unless the day has more than ``samples.driver_max_examples`` kept examples and
-    the rationale source is ``category`` (the teacher and an explicit source run on the driver).
+    the configured rationale source runs on executors (``category``, ``evidence``); the teacher
+    and an explicit ``rationale_source`` object run on the driver.
     """
     c = samples_cfg
-    source_name = rationale_source.name if rationale_source else c.rationale_source
-    if rationale_source is not None or source_name != "category" or n_kept <= c.driver_max_examples:
-        source = rationale_source or make_rationale_source(c.rationale_source, c)
+    source = rationale_source or make_rationale_source(c.rationale_source, c)
+    if rationale_source is not None or not source.executors or n_kept <= c.driver_max_examples:
         rows = builders.build_day_samples(
             [r.asDict() for r in kept.collect()], items, dt=dt, sid_version=sid_version, samples_cfg=c,
             caption_items=caption_items, general_items=general_items, rationale_source=source)

@@ -246,8 +246,9 @@ class SamplesCfg(_Group):
 
     max_history: int = Field(50, ge=1, description="Items of history in a prompt.")
     rationale_source: Literal["category", "evidence", "teacher"] = Field(
-        "category", description="Where RA rationales come from: category (one templated sentence), evidence "
-        "(data-derived: shared category path, recency, co-occurrence; no LLM), teacher (a local LLM)."
+        "evidence", description="Where RA rationales come from: evidence (data-derived, item-specific: shared "
+        "category path, recency, the day's category co-occurrence; no LLM), category (one templated sentence), "
+        "teacher (a local LLM, on the driver)."
     )
     teacher_model_dir: str | None = Field(None, description="Teacher LLM dir for 'teacher'.")
     replay_fraction: float = Field(
@@ -259,6 +260,10 @@ class SamplesCfg(_Group):
     seed: int = Field(13, description="Seed of every sampling decision.")
     rationale_context_items: int = Field(
         3, ge=1, description="Pruned-context size: history items most related to the target."
+    )
+    rationale_min_support: int = Field(
+        3, ge=1, description="Evidence rationale: other requests of the day with a history category needed "
+        "before its co-occurrence share is quoted."
     )
     teacher_max_new_tokens: int = Field(64, ge=1, description="Teacher rationale: max new tokens.")
     teacher_batch_size: int = Field(8, ge=1, description="Teacher rationale: prompts per generate.")

@@ -163,6 +163,15 @@ def build_seqrec_samples(
                                  max_history=max_history, task="seqrec")
 
 
+def reasoning_requests(
+    examples: Iterable[Mapping[str, Any]], items: Mapping[str, Item], max_history: int
+) -> list[RationaleRequest]:
+    """What the rationale source is asked for a batch of examples: one request per usable example
+    (enough history), in :func:`build_reasoning_samples`' order."""
+    return [RationaleRequest(tuple(h), t)
+            for h, t in (resolve_example(ex, items, max_history) for ex in _usable(examples))]
+
+
 def build_reasoning_samples(
     examples: Iterable[Mapping[str, Any]], items: Mapping[str, Item], *, dt: str, sid_version: str,
     max_history: int, rationale_source: RationaleSource | None = None,
@@ -174,10 +183,11 @@ def build_reasoning_samples(
     """
     source = rationale_source or CategoryRationale()
     usable = _usable(examples)
-    resolved = [resolve_example(ex, items, max_history) for ex in usable]
-    rationales = source.rationales([RationaleRequest(tuple(h), t) for h, t in resolved])
+    requests = reasoning_requests(usable, items, max_history)
+    rationales = source.rationales(requests)
     out = []
-    for ex, (hist, target), rationale in zip(usable, resolved, rationales):
+    for ex, req, rationale in zip(usable, requests, rationales, strict=True):
+        hist, target = list(req.history), req.target
         msgs = task_messages("reasoning", history=render_history(hist, True, max_history))
         resp = task_response("reasoning", rationale=rationale, sid=sid_to_text(target["sid"]))
         out.append(_row("reasoning", sample_id("reasoning", ex["event_id"]), msgs, resp,

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -57,9 +58,14 @@ class RationaleRequest:
 
 
 class RationaleSource(Protocol):
-    """Turns RA requests into rationale texts (one per request, same order)."""
+    """Turns RA requests into rationale texts (one per request, same order).
+
+    ``executors``: the samples job may rebuild the source from the config on each Spark worker and
+    call it per batch (False: it runs once, on the driver, over the whole day).
+    """
 
     name: str
+    executors: bool
 
     def rationales(self, requests: Sequence[RationaleRequest]) -> list[str]: ...
 
@@ -127,6 +133,7 @@ class CategoryRationale:
     """Deterministic rationale from the pruned context and the target's leaf category."""
 
     name = "category"
+    executors = True  # stateless: any batch of requests gives the same rationales
 
     def __init__(self, context_items: int = DEFAULT_CONTEXT_ITEMS) -> None:
         self.context_items = context_items
@@ -175,29 +182,42 @@ class EvidenceRationale:
     3. co-occurrence: ``buyers of <leaf> go on to <target leaf> in P% of cases`` (the history
        leaf with the highest share, with at least ``min_support`` pairs);
     4. the conclusion: ``next: <target path tail>``.
+
+    ``counts``: co-occurrence counts of the whole day (:meth:`cooccurrence` over every request of
+    the day, summed with :meth:`merge_counts`), given when the requests arrive in several batches
+    (the Spark executors' Arrow batches): every batch then writes what one call over the whole day
+    writes. Without it, the counts come from the call's own requests.
     """
 
     name = "evidence"
+    executors = True  # with the day's ``counts``
 
-    def __init__(self, context_items: int = DEFAULT_CONTEXT_ITEMS, min_support: int = 3) -> None:
+    def __init__(self, context_items: int = DEFAULT_CONTEXT_ITEMS, min_support: int = 3,
+                 counts: tuple[Counter, Counter] | None = None) -> None:
         self.context_items = context_items
         self.min_support = min_support
+        self.counts = counts
 
     @staticmethod
     def _leaves(history: Sequence[dict[str, Any]]) -> set[str]:
         return {leaf_category(h.get("categories")) for h in history}
 
-    def _counts(self, requests: Sequence[RationaleRequest]):
-        from collections import Counter
-
+    @classmethod
+    def cooccurrence(cls, requests: Iterable[RationaleRequest]) -> tuple[Counter, Counter]:
+        """``(pair, src)``: requests per (history leaf, target leaf), and per history leaf (each
+        leaf of a history counted once per request). Bounded by the number of leaf categories."""
         pair: Counter = Counter()
         src: Counter = Counter()
         for r in requests:
             t = leaf_category(r.target.get("categories"))
-            for leaf in self._leaves(r.history):
+            for leaf in cls._leaves(r.history):
                 src[leaf] += 1
                 pair[(leaf, t)] += 1
         return pair, src
+
+    @staticmethod
+    def merge_counts(a: tuple[Counter, Counter], b: tuple[Counter, Counter]) -> tuple[Counter, Counter]:
+        return a[0] + b[0], a[1] + b[1]
 
     def rationale(self, request: RationaleRequest, pair=None, src=None) -> str:
         hist = list(request.history)
@@ -236,7 +256,7 @@ class EvidenceRationale:
         return text[0].upper() + text[1:] + f". Next: {tail}."
 
     def rationales(self, requests: Sequence[RationaleRequest]) -> list[str]:
-        pair, src = self._counts(requests)
+        pair, src = self.counts if self.counts is not None else self.cooccurrence(requests)
         return [self.rationale(r, pair, src) for r in requests]
 
 
@@ -267,6 +287,7 @@ class TeacherRationale:
     """
 
     name = "teacher"
+    executors = False  # one LLM on the driver's accelerator, batched over the whole day
 
     def __init__(
         self,
@@ -376,7 +397,8 @@ def _teacher_from_cfg(samples_cfg) -> RationaleSource:
 
 
 def _evidence_from_cfg(samples_cfg) -> RationaleSource:
-    return EvidenceRationale(getattr(samples_cfg, "rationale_context_items", DEFAULT_CONTEXT_ITEMS))
+    return EvidenceRationale(getattr(samples_cfg, "rationale_context_items", DEFAULT_CONTEXT_ITEMS),
+                             min_support=getattr(samples_cfg, "rationale_min_support", 3))
 
 
 RATIONALE_SOURCES: dict[str, Callable[[Any], RationaleSource]] = {

@@ -21,7 +21,8 @@ def _cfg(root):
     from tests.conftest import REPO
 
     return load_config(REPO / REPO_CFG, [f"paths.var_root={root}", "samples.caption_items_per_day=4",
-                                         "samples.general_lm_per_day=2", "samples.max_history=5"],
+                                         "samples.general_lm_per_day=2", "samples.max_history=5",
+                                         "samples.rationale_min_support=1"],  # co-occurrence on a small day
                        environ={})
 
 
@@ -147,12 +148,17 @@ def test_rerun_is_idempotent(spark, lake):
 def test_executor_path_builds_the_same_rows(spark, lake):
     import jobs.build_samples as job
 
-    cfg, _, r2, _ = lake
-    before = _day_rows(spark, cfg, D2)
+    cfg, r1, _, _ = lake
+    before = _day_rows(spark, cfg, D1)
+    # the default evidence rationales, with the co-occurrence clause (the day's counts) in use:
+    # on the executors every Arrow batch must quote the whole day's shares, as the driver did
+    assert cfg.samples.rationale_source == "evidence"
+    cooc = [r for r in before if r["task"] == "reasoning" and "buyers of" in r["response"]]
+    assert len(cooc) >= 3, [r["response"] for r in before if r["task"] == "reasoning"]
     big = cfg.model_copy(update={"samples": cfg.samples.model_copy(update={"driver_max_examples": 0})})
-    r = job.run(spark, D2, big)
-    assert r.extra["built_on"] == "executors" and r.counts == r2.counts
-    assert _day_rows(spark, cfg, D2) == before
+    r = job.run(spark, D1, big)
+    assert r.extra["built_on"] == "executors" and r.counts == r1.counts
+    assert _day_rows(spark, cfg, D1) == before
 
 
 def test_export_training_mix(spark, lake, tmp_path):

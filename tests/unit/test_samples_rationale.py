@@ -115,3 +115,24 @@ def test_evidence_rationale_path_recency_cooccurrence():
     # a history sharing nothing but the root still gets a path clause, never the target's title
     assert all("Target Polish" not in o for o in out)
     assert out == EvidenceRationale(context_items=3, min_support=3).rationales(reqs)  # deterministic
+
+
+def test_evidence_rationale_in_batches_with_the_days_counts():
+    """Split into batches (as the Spark executors' Arrow batches are), each batch alone loses the
+    co-occurrence clause; with the day's counts (summed per batch) every batch writes exactly what
+    one call over the whole day writes."""
+    other = _it("o", (5, 5, 5, 0), "Hair")
+    crowd = [RationaleRequest((_it(f"c{i}", (1, 1, 1, 0), "Nails"),), TARGET if i < 3 else other) for i in range(4)]
+    reqs = [RationaleRequest(HISTORY, TARGET), *crowd, RationaleRequest((HISTORY[1],), TARGET)]
+    whole = EvidenceRationale(context_items=3, min_support=3).rationales(reqs)
+    batches = [reqs[:2], reqs[2:5], reqs[5:]]
+    alone = [o for b in batches for o in EvidenceRationale(context_items=3, min_support=3).rationales(b)]
+    assert alone != whole and "buyers of" not in alone[0]
+    counts = EvidenceRationale.cooccurrence([])
+    for b in batches:
+        counts = EvidenceRationale.merge_counts(counts, EvidenceRationale.cooccurrence(b))
+    assert counts == EvidenceRationale.cooccurrence(reqs)
+    src = EvidenceRationale(context_items=3, min_support=3, counts=counts)
+    assert [o for b in batches for o in src.rationales(b)] == whole
+    assert make_rationale_source("evidence", SamplesCfg()).executors
+    assert not make_rationale_source("teacher", SamplesCfg(teacher_model_dir="/x")).executors
