@@ -629,6 +629,9 @@ class ClusterCfg(_Group):
     secrets: list[str] = Field(
         default_factory=lambda: ["onerec-object-store"],
         description="Secrets mounted as environment (envFrom) in every pod: object-store keys etc.")
+    mlflow_secret: str = Field(
+        "onerec-mlflow-pipeline", description="Secret with the pipeline's MLflow user (MLFLOW_TRACKING_USERNAME"
+        "/PASSWORD, write access), envFrom in the training and stage pods (Spark jobs do not call MLflow).")
     gpus_per_node: int = Field(8, ge=1, description="GPUs per training node (= train.nproc in the cluster).")
     training_nodes: int = Field(10, ge=1, description="Training nodes (= train.nnodes in the cluster).")
     master_addr: str = Field(

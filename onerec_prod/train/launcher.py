@@ -245,7 +245,7 @@ def render_pytorchjob(cfg: Config, step: str, dt: str) -> dict[str, Any]:
         "args": ["--config", c.config_path, JOB_STEPS[step][0], "--date", dt],
         "ports": [{"name": "pytorchjob-port", "containerPort": c.master_port}],
         "env": env,
-        "envFrom": [{"secretRef": {"name": s}} for s in c.secrets],
+        "envFrom": [{"secretRef": {"name": s}} for s in (*c.secrets, c.mlflow_secret)],
         "resources": {"requests": {"cpu": c.train_cpu, "memory": c.train_memory, "nvidia.com/gpu": gpus},
                       "limits": {"memory": c.train_memory, "nvidia.com/gpu": gpus}},
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"},
