@@ -390,8 +390,10 @@ def referenced_secrets() -> set[str]:
     names = set()
     for _, doc in list(manifests()) + [("helm", helm_values())]:
         for _, key, value in walk(doc):
-            if key in ("secretKeyRef", "secretRef", "bearerTokenSecret") and isinstance(value, dict):
+            if key in ("secretKeyRef", "secretRef") and isinstance(value, dict):
                 names.add(value["name"])
+            if key == "authorization" and isinstance(value, dict) and "credentials" in value:  # ServiceMonitor
+                names.add(value["credentials"]["name"])
             if key == "secret" and isinstance(value, dict) and "secretName" in value:  # mounted as files
                 names.add(value["secretName"])
             if key == "sparkConf":
@@ -628,8 +630,10 @@ def secret_key_refs() -> list[tuple[str, str, str]]:
     out = []
     for path, doc in manifests():
         for _, key, value in walk(doc):
-            if key in ("secretKeyRef", "bearerTokenSecret") and isinstance(value, dict) and "key" in value:
+            if key == "secretKeyRef" and isinstance(value, dict):
                 out.append((path, value["name"], value["key"]))
+            if key == "authorization" and isinstance(value, dict) and "credentials" in value:
+                out.append((path, value["credentials"]["name"], value["credentials"]["key"]))
             if key == "secret" and isinstance(value, dict) and "secretName" in value:
                 out += [(path, value["secretName"], i["key"]) for i in value.get("items", [])]
             if key == "sparkConf":
@@ -819,7 +823,20 @@ def test_every_component_has_a_network_policy():
 def test_prometheus_scrapes_serving_with_the_serving_token():
     """The ServiceMonitor selects the serving Service, scrapes its named port at /metrics and
     sends the bearer token of the Secret serving reads its token file from; the serving
-    NetworkPolicy lets the Prometheus namespace in on that port."""
+    NetworkPolicy lets the Prometheus namespace in on that port. Airflow's StatsD exporter is on
+    and scraped too."""
+    hv = helm_values()
+    assert hv["statsd"]["enabled"] and hv["config"]["metrics"]["statsd_on"] == "True"
+    assert hv["config"]["metrics"]["statsd_host"] == "airflow-statsd"  # release `airflow` (README)
+    assert "helm install airflow " in (INFRA / "README.md").read_text()
+    statsd = one("ServiceMonitor", "airflow-statsd")["spec"]
+    assert statsd["selector"]["matchLabels"] == {"tier": "airflow", "component": "statsd"}
+    (sep,) = statsd["endpoints"]
+    assert sep["port"] == "statsd-scrape"
+    airflow_np = one("NetworkPolicy", "airflow")["spec"]["ingress"]
+    assert any({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in r["from"]
+               and 9102 in [p["port"] for p in r.get("ports", [])] for r in airflow_np)
+
     sm = one("ServiceMonitor", "onerec-serving")["spec"]
     svc = one("Service", "onerec-serving")
     assert _selects(sm["selector"], svc["metadata"]["labels"])
@@ -832,7 +849,7 @@ def test_prometheus_scrapes_serving_with_the_serving_token():
     mount = next(m for m in dep["containers"][0]["volumeMounts"] if m["mountPath"] == str(token_file.parent))
     vol = next(v for v in dep["volumes"] if v["name"] == mount["name"])["secret"]
     key = next(i["key"] for i in vol["items"] if i["path"] == token_file.name)
-    assert ep["bearerTokenSecret"] == {"name": vol["secretName"], "key": key}
+    assert ep["authorization"] == {"type": "Bearer", "credentials": {"name": vol["secretName"], "key": key}}
     container_port = next(p["containerPort"] for p in dep["containers"][0]["ports"] if p["name"] == port["targetPort"])
     policy = one("NetworkPolicy", "onerec-serving")["spec"]["ingress"]
     assert any({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in r["from"]
