@@ -31,7 +31,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
