@@ -82,7 +82,13 @@ def ensure_users(tracking_uri: str, experiment: str, model_name: str, artifact_l
             raise
     for user, perm in ((pipeline, PIPELINE_PERMISSION), (serving, SERVING_PERMISSION)):
         for rtype, rid in (("experiment", str(exp_id)), ("registered_model", model_name)):
-            auth.grant_user_permission(user.username, rtype, rid, perm)
+            try:
+                auth.grant_user_permission(user.username, rtype, rid, perm)
+            except Exception as e:  # granted before: set it to exactly this permission
+                if not _exists(e):
+                    raise
+                auth.revoke_user_permission(user.username, rtype, rid)
+                auth.grant_user_permission(user.username, rtype, rid, perm)
         log.info("MLflow user %s: %s on experiment %s and registered model %s", user.username, perm,
                  experiment, model_name)
     return {"experiment_id": str(exp_id), "model": model_name, "pipeline": pipeline.username,
