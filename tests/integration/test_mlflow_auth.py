@@ -55,21 +55,24 @@ def server(tmp_path_factory):
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
-    while True:
-        assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
-        try:
-            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "mlflow server did not start"
-        time.sleep(0.5)
-    yield url
-    proc.terminate()
     try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        while True:
+            assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+        yield url
+    finally:  # also when it never came up: no server outlives the test
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _as(monkeypatch, user: str, pw: str) -> None:
