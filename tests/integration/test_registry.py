@@ -593,3 +593,8 @@ def test_auto_lock_mode(make_cfg):
     assert tracking.lock_mode(make_cfg(*remote, "paths.artifacts_root=s3a://onerec-lake/artifacts")) == "object"
     assert tracking.object_lock_root(make_cfg(*remote, "paths.artifacts_root=s3a://b/a")) == "s3a://b/a/locks"
     assert tracking.lock_mode(make_cfg(*remote)) == "file"  # one machine running `mlflow server`
+    from onerec_prod.config import load_config
+
+    cluster = load_config(REPO / "configs" / "cluster.yaml", environ={})  # what the pods run
+    assert tracking.lock_mode(cluster) == "object"
+    assert tracking.object_lock_root(cluster) == "s3a://onerec-lake/artifacts/locks"
