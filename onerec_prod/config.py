@@ -429,12 +429,21 @@ class RegistryCfg(_Group):
     artifact_location: str = Field("{var}/mlartifacts", description="Experiment artefact root.")
     experiment: str = Field("onerec-daily", description="MLflow experiment name.")
     model_name: str = Field("onerec", description="Registered model name.")
-    lock: Literal["auto", "file", "lease"] = Field(
+    lock: Literal["auto", "file", "object"] = Field(
         "auto",
-        description="Alias-move lock: file (local store), lease (registry-tag lease + re-read, "
-        "for a shared tracking server); auto = file for sqlite/file URIs, else lease.",
+        description="Alias-move lock: file (flock, one machine), object (conditional writes on the "
+        "object store at lock_uri, for pods sharing a tracking server); auto = object when the "
+        "tracking store is remote and lock_uri is on the object store, else file.",
+    )
+    lock_uri: str | None = Field(
+        None, description="Prefix of the object-store lock (s3://bucket/prefix); None = "
+        "<paths.artifacts_root>/locks.",
     )
     lock_timeout_s: float = Field(60.0, gt=0, description="Max wait for the alias-move lock.")
+    lock_ttl_s: float = Field(
+        300.0, gt=0, description="An object lock older than this is stale (its holder died) and "
+        "is taken over; far above an alias move (seconds).",
+    )
     ui_url: str | None = Field(
         None, description="Base URL of the MLflow UI, for the run links printed in task logs "
         "(None: the tracking URI when it is http(s), else the `mlflow ui` command to start one).",
@@ -625,6 +634,9 @@ class ClusterCfg(_Group):
     secrets: list[str] = Field(
         default_factory=lambda: ["onerec-object-store"],
         description="Secrets mounted as environment (envFrom) in every pod: object-store keys etc.")
+    mlflow_secret: str = Field(
+        "onerec-mlflow-pipeline", description="Secret with the pipeline's MLflow user (MLFLOW_TRACKING_USERNAME"
+        "/PASSWORD, write access), envFrom in the training and stage pods (Spark jobs do not call MLflow).")
     gpus_per_node: int = Field(8, ge=1, description="GPUs per training node (= train.nproc in the cluster).")
     training_nodes: int = Field(10, ge=1, description="Training nodes (= train.nnodes in the cluster).")
     master_addr: str = Field(

@@ -14,7 +14,8 @@ becomes Kubernetes work built here, from ``configs/cluster.yaml`` only:
   the serving image), with the task's resources from ``cluster.pod_resources``.
 
 Every pod mounts the config (ConfigMap ``cluster.config_map``) and the secrets of
-``cluster.secrets`` as environment (object-store keys). Date fields hold Airflow templates
+``cluster.secrets`` as environment (object-store keys); the non-Spark pods also the pipeline's MLflow
+user (``cluster.mlflow_secret``). Date fields hold Airflow templates
 (``{{ ds }}``), rendered by the operators at run time.
 """
 
@@ -141,7 +142,7 @@ def stage_pod(cfg: Config, task_id: str, ds: str = "{{ ds }}", ds_nodash: str = 
             "args": ["--config", c.config_path, "run-day", "--stage", POD_STAGES[task_id], "--date", ds],
             "env": [{"name": "ONEREC_CONFIG", "value": c.config_path},
                     {"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "PYTHONUNBUFFERED", "value": "1"}],
-            "envFrom": [{"secretRef": {"name": s}} for s in c.secrets],
+            "envFrom": [{"secretRef": {"name": s}} for s in (*c.secrets, c.mlflow_secret)],
             "resources": resources(r),
             "volumeMounts": mounts,
         }],

@@ -69,11 +69,22 @@ class S3Server:
             self.proc.wait()
 
 
-def start_s3_server(log_path: Path, timeout_s: float = 60.0) -> S3Server:
-    """Start moto's server on a free 127.0.0.1 port and wait until it answers."""
+# moto's server with one request at a time: moto checks a conditional write's precondition and
+# stores the object in two steps without a lock, so its threaded server is not atomic where S3 is
+_SERIAL = ("import sys, moto.server as m; run = m.run_simple; "
+           "m.run_simple = lambda *a, **k: run(*a, **{**k, 'threaded': False}); sys.exit(m.main(sys.argv[1:]))")
+
+
+def start_s3_server(log_path: Path, timeout_s: float = 60.0, serial: bool = False) -> S3Server:
+    """Start moto's server on a free 127.0.0.1 port and wait until it answers.
+
+    ``serial``: handle one request at a time, so conditional writes (``If-None-Match``/``If-Match``)
+    are atomic as on S3; the lock tests need it.
+    """
     port = _free_port()
     log = open(log_path, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+    entry = ["-c", _SERIAL] if serial else ["-m", "moto.server"]
+    proc = subprocess.Popen([sys.executable, *entry, "-H", "127.0.0.1", "-p", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MOTO_CALL_RESET_API": "false"})
     deadline = time.time() + timeout_s
     while time.time() < deadline:

@@ -7,7 +7,20 @@ tokenizer files) plus ``onerec_meta.json``::
      "weights_sha256": ...}
 
 Writes are atomic: everything goes to a temporary sibling directory which is renamed into place,
-so a crash never leaves a half-written model where a reader looks. Nothing is ever unpickled.
+so a crash never leaves a half-written model where a reader looks.
+
+No model file is ever unpickled: models (here), the MiniLM item encoder
+(:mod:`onerec_prod.sid.embed`) and the rationale teacher (:mod:`onerec_prod.samples.rationale`)
+load with ``use_safetensors=True`` after :func:`require_safetensors` refused a directory without
+``*.safetensors``; optimizer and RNG state of SFT (ZeRO 0-2) and GRPO checkpoints are
+safetensors/JSON (:mod:`onerec_prod.train.checkpoint`). The one exception, trusted files only:
+with ``train.zero_stage: 3`` (SFT; GRPO refuses ZeRO-3), DeepSpeed keeps its own partitioned
+checkpoint format, and resuming that run reads ``global_step<N>/zero_pp_rank_<R>_mp_rank_00_
+{model,optim}_states.pt`` with ``torch.load(weights_only=False)`` (DeepSpeed's checkpoint engine;
+HF's ``scheduler.pt`` there goes through ``weights_only=True``). Those files are written by the
+same training run into its own checkpoint directory under ``paths.models_root`` and read back
+only by its resume; nothing downloaded or registered is ever loaded that way. The cluster
+config trains with ZeRO-2, so production unpickles nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +39,13 @@ from onerec_prod.util import META_FILE, atomic_path, read_meta  # noqa: F401  (r
 log = logging.getLogger(__name__)
 
 
-def _require_safetensors(model_dir: Path) -> None:
+def require_safetensors(model_dir: str | Path) -> None:
+    """Refuse a model directory that has no ``*.safetensors`` weights (pickle files are never loaded).
+
+    Raises:
+        FileNotFoundError: no such directory, or no ``*.safetensors`` in it.
+    """
+    model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
     if not any(model_dir.glob("*.safetensors")):
@@ -52,7 +71,7 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype=None):
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
-    _require_safetensors(model_dir)
+    require_safetensors(model_dir)
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     elif isinstance(dtype, str):
@@ -72,7 +91,7 @@ def weights_hash(model_dir: str | Path) -> str:
     from safetensors import safe_open
 
     model_dir = Path(model_dir)
-    _require_safetensors(model_dir)
+    require_safetensors(model_dir)
     entries = []
     for f in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as sf:

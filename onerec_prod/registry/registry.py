@@ -15,8 +15,9 @@ the gate), ``previous`` (the champion before the last promote).
   ``rolled_back=true`` and ``promote`` refuses it again unless forced.
 
 An alias points to one version by construction; the lock keeps champion/previous consistent
-under concurrent promotes: an ``flock`` next to the sqlite store (local), or a lease tag on
-the registered model plus a re-read of the aliases after the moves (shared tracking server).
+under concurrent promotes: an ``flock`` next to the sqlite store (one machine), or a lock
+object on the object store taken by a conditional write (``If-None-Match: *``; pods sharing a
+tracking server; :mod:`onerec_prod.registry.locks`).
 Every move is ordered so that a crash in between leaves ``previous == champion`` (the old
 champion still serving); rerunning the command completes it.
 """
@@ -28,10 +29,8 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -49,7 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
-LEASE_TAG = "alias_lease"
 
 
 class RegistryError(RuntimeError):
@@ -255,39 +253,49 @@ def _flat_versions(d: dict[str, Any], prefix: str = "") -> dict[str, int]:
 # the alias lock
 
 
+def _log_lock_wait(what: str) -> None:
+    """One INFO line per wait (``extra={"lock_wait": ...}`` names the holder for log processors)."""
+    log.info("alias lock held by %s; waiting", what, extra={"lock_wait": what})
+
+
 @contextlib.contextmanager
 def alias_lock(cfg: Config) -> Iterator[None]:
-    """Serialise alias moves (and registration) across processes; see the module docstring."""
-    if tracking.lock_mode(cfg) == "file":
-        with tracking.file_lock(tracking.lock_path(cfg, "aliases"), cfg.registry.lock_timeout_s):
+    """Serialise alias moves (and registration) across processes; see the module docstring.
+
+    ``file``: ``flock`` next to the sqlite store (processes of one machine). ``object``: one lock
+    object per registered model under ``registry.lock_uri`` taken by a conditional write
+    (:class:`onerec_prod.registry.locks.ObjectStoreLock`: exactly one of the racing pods holds
+    it; a stale one, older than ``registry.lock_ttl_s``, is taken over with a WARNING).
+
+    Raises:
+        TimeoutError: the lock is still held by a live owner after ``registry.lock_timeout_s``
+            (the message names the owner and, for the object lock, its host, pid and URI).
+        locks.LockLost: the object lock was taken over while held (held past its TTL).
+    """
+    mode = tracking.lock_mode(cfg)
+    waited: set[str] = set()
+
+    def on_wait(what: str) -> None:
+        if what not in waited:
+            waited.add(what)
+            _log_lock_wait(what)
+
+    if mode == "file":
+        with tracking.file_lock(tracking.lock_path(cfg, "aliases"), cfg.registry.lock_timeout_s, on_wait):
             yield
         return
-    from mlflow.exceptions import MlflowException
+    from onerec_prod.registry import locks
 
-    c, name = tracking.client(cfg), cfg.registry.model_name
-    _ensure_model(c, name)
-    token, ttl = uuid.uuid4().hex, cfg.registry.lock_timeout_s
-    deadline = time.monotonic() + ttl
-    while True:
-        held = c.get_registered_model(name).tags.get(LEASE_TAG, "")
-        holder, _, expiry = held.partition("|")
-        if not holder or float(expiry or 0) < time.time():
-            try:
-                c.set_registered_model_tag(name, LEASE_TAG, f"{token}|{time.time() + ttl:.3f}")
-            except MlflowException as e:  # a racing writer inserted the tag first (unique key)
-                log.debug("alias lease write lost a race: %s", e)
-            else:
-                time.sleep(0.3)  # let a racing writer land, then see who won
-                if c.get_registered_model(name).tags.get(LEASE_TAG, "").startswith(token + "|"):
-                    break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"alias lease on {name!r} held by {holder} for more than {ttl}s")
-        time.sleep(0.1 + random.random() * 0.2)
-    try:
+    bucket, prefix = locks.split_uri(tracking.object_lock_root(cfg))
+    key = f"{prefix}/registry-{cfg.registry.model_name}.aliases.lock".lstrip("/")
+    s = cfg.storage
+    lock = locks.ObjectStoreLock(
+        locks.s3_client(s.s3_endpoint_url, s.s3_region, s.s3_path_style), bucket, key,
+        ttl_s=cfg.registry.lock_ttl_s, timeout_s=cfg.registry.lock_timeout_s,
+        actor=os.environ.get("USER", ""), on_wait=lambda h: on_wait(h.describe()),
+    )
+    with lock.held():
         yield
-    finally:
-        if c.get_registered_model(name).tags.get(LEASE_TAG, "").startswith(token + "|"):
-            c.delete_registered_model_tag(name, LEASE_TAG)
 
 
 # --------------------------------------------------------------------------------------
@@ -359,11 +367,6 @@ def register(cfg: Config, model_dir: str | Path, dt: str, lineage: dict[str, Any
             return str(found[0].version)
         mv = c.create_model_version(name, source=source, run_id=run_id, tags=tags, description=f"dt={dt}")
         _refresh_description(c, name, str(mv.version))
-    if tracking.lock_mode(cfg) == "lease":  # a racing registration on a shared server: keep the lowest
-        found = _find_registered(c, name, dt, whash)
-        if found and str(found[0].version) != str(mv.version):
-            c.delete_model_version(name, str(mv.version))
-            return str(found[0].version)
     log.info("registered %s version %s (dt=%s, weights %s)", name, mv.version, dt, whash[:12])
     return str(mv.version)
 

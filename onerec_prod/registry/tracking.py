@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,11 +78,33 @@ def is_local_store(uri: str) -> bool:
     return scheme in ("", "file", "sqlite")
 
 
+def object_lock_root(cfg: Config) -> str:
+    """Where the object-store locks live: ``registry.lock_uri`` or ``<paths.artifacts_root>/locks``."""
+    return (cfg.registry.lock_uri or f"{cfg.paths.artifacts.rstrip('/')}/locks").rstrip("/")
+
+
 def lock_mode(cfg: Config) -> str:
-    """``file`` or ``lease``: how alias moves and run creation are serialised."""
+    """``file`` or ``object``: how alias moves are serialised (run creation: see ``_create_lock``).
+
+    ``auto``: a local store is written by this machine only (``flock``); a remote tracking server
+    shared by pods needs the object-store lock, which needs an ``s3://`` lock root. A remote
+    server with a local lock root (one machine running ``mlflow server``) keeps the ``flock``.
+    """
     if cfg.registry.lock != "auto":
         return cfg.registry.lock
-    return "file" if is_local_store(cfg.mlflow_uri) else "lease"
+    if is_local_store(cfg.mlflow_uri):
+        return "file"
+    root = object_lock_root(cfg)
+    if urlparse(root).scheme in ("s3", "s3a", "s3n"):
+        return "object"
+    if (cfg.mlflow_uri, root) not in _WARNED_LOCAL_LOCK:
+        _WARNED_LOCAL_LOCK.add((cfg.mlflow_uri, root))
+        log.warning("tracking server %s is remote but the lock root %s is local: alias moves are "
+                    "serialised on this machine only (set registry.lock_uri=s3://bucket/prefix)", cfg.mlflow_uri, root)
+    return "file"
+
+
+_WARNED_LOCAL_LOCK: set[tuple[str, str]] = set()
 
 
 def lock_path(cfg: Config, name: str) -> Path:
@@ -95,8 +117,10 @@ def lock_path(cfg: Config, name: str) -> Path:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, timeout_s: float) -> Iterator[None]:
+def file_lock(path: Path, timeout_s: float, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
     """Exclusive advisory ``flock`` on ``path``, polled until ``timeout_s``.
+
+    ``on_wait(description)`` is called at each attempt that finds the lock held.
 
     Raises:
         TimeoutError: the lock is still held by another process after ``timeout_s``.
@@ -110,6 +134,8 @@ def file_lock(path: Path, timeout_s: float) -> Iterator[None]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if on_wait is not None:
+                    on_wait(f"flock {path} (another process on this machine)")
                 if time.monotonic() > deadline:
                     raise TimeoutError(
                         f"lock {path} still held after {timeout_s}s; another promote/rollback "

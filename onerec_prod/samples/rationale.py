@@ -280,7 +280,8 @@ def clean_generated(text: str, max_chars: int = 400) -> str:
 class TeacherRationale:
     """Rationales written by a local Hugging Face causal LM from the pruned context.
 
-    The model and tokenizer load lazily on the first call. Prompts go through the tokenizer's
+    The model and tokenizer load lazily on the first call, offline and from ``*.safetensors``
+    only (a directory holding only pickled weights is refused with ``FileNotFoundError``). Prompts go through the tokenizer's
     chat template when it has one (Qwen3: thinking disabled), generation is greedy and batched
     with left padding. Requests with an empty pruned context, and outputs that are empty after
     :func:`clean_generated`, get the ``category`` rationale instead (counted in ``fallbacks``).
@@ -316,11 +317,16 @@ class TeacherRationale:
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        tok = AutoTokenizer.from_pretrained(self.model_dir)
+        from onerec_prod.model.io import require_safetensors
+
+        require_safetensors(self.model_dir)  # a pickled checkpoint is refused, never loaded
+        tok = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
         tok.padding_side = "left"
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, torch_dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(
+            self.model_dir, dtype=dtype, use_safetensors=True, local_files_only=True
+        ).to(device)
         model.eval()
         self._tok, self._model, self.device = tok, model, device
         log.info("teacher rationale model loaded from %s on %s", self.model_dir, device)

