@@ -115,8 +115,8 @@ class Fault:
     - ``step_end``: after step N, between two checkpoints;
     - ``optimizer_step``: inside step N's optimizer step (a torch optimizer step post-hook: under
       ZeRO the fp32 partition is updated, the model weights not yet re-gathered);
-    - ``checkpoint_write``: while writing ``checkpoint-N``, after this rank's weights and
-      optimizer shard and before its RNG shard (and so before the ``trainer_state.json`` marker).
+    - ``checkpoint_write``: while writing ``checkpoint-N``, after the weights (rank 0) and this
+      rank's optimizer shard, before its RNG shard (so before the ``trainer_state.json`` marker).
     """
 
     def __init__(self, spec: dict[str, Any] | None, rank: int):
