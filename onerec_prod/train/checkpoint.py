@@ -14,10 +14,16 @@ ranks). Everything is safetensors (:func:`onerec_prod.model.io.save_tree`), no p
 
 Resuming ZeRO state copies the fp32 partitions back and re-gathers the model weights from them
 (``update_lp_params``), so a resumed run continues bit for bit.
+
+Resume evidence: :func:`optimizer_steps` and :func:`rng_digest` read the same figures from a live
+optimizer / the live generators as from a checkpoint's files, so a resumed run can record what it
+restored and a test can compare that with what the killed run saved (a restart from scratch
+records nothing and starts at step 0).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import shutil
@@ -80,7 +86,19 @@ def optimizer_shards(ckpt: str | Path) -> int:
     return len(list(Path(ckpt).glob("optimizer_rank*.safetensors")))
 
 
-def save_rng(ckpt: str | Path, rank: int) -> Path:
+def optimizer_steps(state_dict: dict[str, Any]) -> int:
+    """The step count of a torch optimizer ``state_dict`` (Adam's per-parameter ``step``; the
+    largest, 0 before the first step): the live optimizer's or a checkpoint's ``"base"`` entry."""
+    steps = [int(float(s["step"])) for s in state_dict.get("state", {}).values() if "step" in s]
+    return max(steps, default=0)
+
+
+def base_optimizer(optimizer):
+    """The torch optimizer that holds the state: ZeRO-1/2 wrap it, a plain one is itself."""
+    return optimizer.optimizer if _is_zero(optimizer) else optimizer
+
+
+def rng_states() -> dict[str, Any]:
     """This process's python / numpy / torch (CPU, CUDA) generator states."""
     import numpy as np
     import torch
@@ -89,8 +107,44 @@ def save_rng(ckpt: str | Path, rank: int) -> Path:
                               "cpu": torch.random.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.random.get_rng_state_all()
+    return states
+
+
+def rng_digest(states: dict[str, Any] | None = None) -> str:
+    """sha256 of generator states (the live ones when None), equal for the live states and for
+    the same states read back from :func:`save_rng`'s file (tuples and lists, tensors and arrays
+    hash alike)."""
+    import numpy as np
+    import torch
+
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        if isinstance(x, np.ndarray):
+            h.update(f"array {x.dtype} {x.shape}:".encode())
+            h.update(np.ascontiguousarray(x).tobytes())
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                feed(v)
+            h.update(b"]")
+        elif isinstance(x, dict):
+            for k in sorted(x):
+                h.update(f"{k}=".encode())
+                feed(x[k])
+        else:
+            h.update(f"{x!r};".encode())
+
+    feed(rng_states() if states is None else states)
+    return h.hexdigest()
+
+
+def save_rng(ckpt: str | Path, rank: int) -> Path:
+    """This process's generator states (:func:`rng_states`) as this rank's RNG file."""
     Path(ckpt).mkdir(parents=True, exist_ok=True)
-    return save_tree(states, rng_file(ckpt, rank))
+    return save_tree(rng_states(), rng_file(ckpt, rank))
 
 
 def load_rng(ckpt: str | Path, rank: int) -> bool:

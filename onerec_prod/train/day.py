@@ -104,7 +104,8 @@ def train_stage(cfg: Config, dt: str, stage_name: str, out_dir: Path, work: Path
     """Train one (non-chain) stage into ``out_dir``; ``work`` holds samples, spec, checkpoints.
 
     ``fault`` (tests, chaos drills) is passed to the training processes, e.g.
-    ``{"kill_at_step": 3}`` makes rank 0 SIGKILL itself after step 3.
+    ``{"kill_at_step": 3}`` makes rank 0 SIGKILL itself after step 3, ``{"kill_at_step": 4, "at":
+    "checkpoint_write", "rank": 1}`` rank 1 while writing checkpoint-4 (:class:`~onerec_prod.train.sft.Fault`).
     """
     from onerec_prod.model.io import keyed_checkpoint_dir, read_meta, weights_hash
     from onerec_prod.sid.tokens import level_sizes

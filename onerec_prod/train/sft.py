@@ -9,7 +9,11 @@ Each training process runs :func:`run_spec` on a JSON spec written by the driver
   (ZeRO stage from ``train.zero_stage``; fp32 on CPU, bf16 on GPU), model + tokenizer from the
   init dir, the warm-up row mask if the stage freezes the base, the tokenized JSONL samples.
 - train: ``Trainer.train(resume_from_checkpoint=<latest complete checkpoint>)``, so a run killed
-  mid-way (even ``kill -9``) continues from its own last checkpoint to the same final step.
+  mid-way (even ``kill -9``) continues from its own last checkpoint to the same final step. A
+  checkpoint is complete when ``trainer_state.json`` exists: rank 0 writes it after a barrier that
+  every rank reaches only once its optimizer and RNG shards are written, so one torn by a kill
+  during its write is never resumed from. The result records what a resumed run restored (per
+  rank: global step, optimizer step count, scheduler step, RNG digest) and how many steps it ran.
 - save: rank 0 writes the final model with :func:`onerec_prod.model.io.save_model` (safetensors,
   ``onerec_meta.json`` with parent, dt, stage, data versions, sid_version, train loss).
 - cleanup: barrier + ``destroy_process_group`` (else rank 1 aborts at exit).
@@ -32,6 +36,7 @@ from onerec_prod.config import Config, ConfigError
 from onerec_prod.train import checkpoint
 from onerec_prod.train.distributed import (  # noqa: F401 (build_ds_config re-exported)
     RankEnv,
+    barrier,
     build_ds_config,
     cleanup,
     skip_shm_comm_build,
@@ -70,6 +75,10 @@ class _Progress:
                 self.t0 = time.perf_counter()
                 self.tok0 = 0
                 self.last_loss: float | None = None
+                self.steps_run = 0  # optimizer steps run by this process (a resumed run: the rest)
+
+            def on_step_end(self, args, state, control, **kw):
+                self.steps_run += 1
 
             def on_train_begin(self, args, state, control, **kw):
                 self.t0, self.tok0 = time.perf_counter(), collator.tokens_seen
@@ -94,22 +103,62 @@ class _Progress:
         return ProgressLog()
 
 
-def _make_fault_callback(kill_at_step: int, is_main: bool):
-    """Fault injection (tests, chaos drills): rank 0 SIGKILLs itself after step ``kill_at_step``.
+FAULT_POINTS = ("step_end", "optimizer_step", "checkpoint_write")
 
-    Set through the spec's ``fault`` entry only; a crash mid-run between two checkpoints.
+
+class Fault:
+    """Fault injection (tests, chaos drills): rank ``rank`` SIGKILLs itself at step ``kill_at_step``.
+
+    Set only through the spec's ``fault`` entry, e.g. ``{"kill_at_step": 4, "at":
+    "checkpoint_write", "rank": 1}``; ``at`` is where (default ``step_end``, rank 0):
+
+    - ``step_end``: after step N, between two checkpoints;
+    - ``optimizer_step``: inside step N's optimizer step (a torch optimizer step post-hook: under
+      ZeRO the fp32 partition is updated, the model weights not yet re-gathered);
+    - ``checkpoint_write``: while writing ``checkpoint-N``, after the weights (rank 0) and this
+      rank's optimizer shard, before its RNG shard (so before the ``trainer_state.json`` marker).
     """
-    import signal
 
-    from transformers import TrainerCallback
+    def __init__(self, spec: dict[str, Any] | None, rank: int):
+        spec = spec or {}
+        self.step = int(spec.get("kill_at_step") or 0)
+        self.at = str(spec.get("at", "step_end"))
+        self.rank = int(spec.get("rank", 0))
+        self.here = rank
+        if self.at not in FAULT_POINTS:
+            raise ConfigError(f"fault.at={self.at!r}: one of {', '.join(FAULT_POINTS)}")
 
-    class KillAtStep(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if is_main and state.global_step == kill_at_step:
-                log.warning("fault injection: SIGKILL at step %d", state.global_step)
-                os.kill(os.getpid(), signal.SIGKILL)
+    def armed(self, at: str) -> bool:
+        return bool(self.step) and self.at == at and self.rank == self.here
 
-    return KillAtStep()
+    def fire(self, at: str, step: int) -> None:
+        """SIGKILL this process if the fault is set for ``at`` at ``step`` on this rank."""
+        if self.armed(at) and step == self.step:
+            import signal
+
+            log.warning("fault injection: SIGKILL rank %d at %s of step %d", self.here, at, step)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def install(self, trainer) -> None:
+        """Hook the fault into ``trainer`` (callback, optimizer hook or checkpoint write)."""
+        if self.armed("step_end"):
+            from transformers import TrainerCallback
+
+            fault = self
+
+            class KillAtStepEnd(TrainerCallback):
+                def on_step_end(self, args, state, control, **kw):
+                    fault.fire("step_end", state.global_step)
+
+            trainer.add_callback(KillAtStepEnd())
+        elif self.armed("optimizer_step"):
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            # global: the torch optimizer is built inside Trainer.train (wrapped by ZeRO there);
+            # during step N the Trainer's global_step is still N - 1
+            register_optimizer_step_post_hook(
+                lambda opt, args, kwargs: self.fire("optimizer_step", trainer.state.global_step + 1))
+        trainer.fault = self  # checkpoint_write: fired by SftTrainer._save_rng_state
 
 
 def _make_trainer_cls():
@@ -128,6 +177,8 @@ def _make_trainer_cls():
     class SftTrainer(Trainer):
         no_decay_extra: set[str] = set()
         zero_stage: int = 0
+        fault: Fault | None = None
+        restored: dict[str, Any] | None = None  # what a resume loaded (None: not resumed)
 
         def get_decay_parameter_names(self, model) -> list[str]:
             names = super().get_decay_parameter_names(model)
@@ -159,12 +210,27 @@ def _make_trainer_cls():
                 Path(output_dir, "scheduler.json").write_text(json.dumps(self.lr_scheduler.state_dict()))
 
         def _save_rng_state(self, output_dir: str) -> None:
+            """This rank's RNG shard, the last per-rank write of a checkpoint; then a barrier.
+
+            HF's ``_save_checkpoint`` has rank 0 write ``trainer_state.json`` (the marker
+            :func:`latest_checkpoint` looks for) right after this call and does not wait for the
+            other ranks: without the barrier a rank killed while writing its shards could leave a
+            checkpoint marked complete but missing them.
+            """
+            if self.fault is not None:
+                self.fault.fire("checkpoint_write", self.state.global_step)
             checkpoint.save_rng(output_dir, self.args.process_index)
+            barrier()
 
         # ---- loading
         def _load_zero_state(self, engine, ckpt: str) -> None:
             """Replaces ``deepspeed_load_checkpoint`` for ZeRO-1/2 (collective: every rank)."""
             checkpoint.load_optimizer(ckpt, self.args.process_index, engine.optimizer, engine)
+            self._record(optimizer_step=checkpoint.optimizer_steps(
+                checkpoint.base_optimizer(engine.optimizer).state_dict()), engine_global_steps=int(engine.global_steps))
+
+        def _record(self, **restored: Any) -> None:
+            self.restored = {**(self.restored or {}), **restored}
 
         def _load_optimizer_and_scheduler(self, ckpt: str | None) -> None:
             if ckpt is None:
@@ -173,11 +239,16 @@ def _make_trainer_cls():
                 return super()._load_optimizer_and_scheduler(ckpt)
             if not self.is_deepspeed_enabled:
                 checkpoint.load_optimizer(ckpt, 0, self.optimizer)
+                self._record(optimizer_step=checkpoint.optimizer_steps(self.optimizer.state_dict()))
             self.lr_scheduler.load_state_dict(json.loads((Path(ckpt) / "scheduler.json").read_text()))
+            self._record(checkpoint=Path(ckpt).name, scheduler_step=int(self.lr_scheduler.last_epoch))
 
         def _load_rng_state(self, ckpt: str | None) -> None:
+            """Restore this rank's generators; record them (digest) and the step resumed at."""
             if ckpt is not None:
-                checkpoint.load_rng(ckpt, self.args.process_index)
+                loaded = checkpoint.load_rng(ckpt, self.args.process_index)
+                self._record(global_step=int(self.state.global_step),
+                             rng_sha256=checkpoint.rng_digest() if loaded else None)
 
         def train(self, resume_from_checkpoint=None, **kwargs):
             if not (self.is_deepspeed_enabled and self._own_state and resume_from_checkpoint):
@@ -304,26 +375,32 @@ class SftRun:
             callbacks=[self.progress, mlflow_trainer_callback()],  # loss/lr curves on the stage's MLflow run
         )
         self.trainer.remove_callback(PrinterCallback)  # our callback logs one line per step
-        fault = self.spec.get("fault") or {}
-        if fault.get("kill_at_step"):
-            self.trainer.add_callback(_make_fault_callback(int(fault["kill_at_step"]), self.is_main))
+        Fault(self.spec.get("fault"), self.rank).install(self.trainer)
         if self.is_main:
             log.info("%d samples from %s (tokenized as drawn); init %s", len(self.dataset),
                      self.spec["samples_path"], init_dir)
 
     # ---- train
     def train(self) -> dict[str, Any]:
+        import torch.distributed as dist
+
         ckpt = latest_checkpoint(self.spec["ckpt_dir"])
         if ckpt is not None and self.is_main:
             log.info("resuming from %s", ckpt)
         t0 = time.perf_counter()
         out = self.trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         secs = time.perf_counter() - t0
+        restored = [self.trainer.restored]
+        if dist.is_initialized() and self.world > 1:  # every rank's restored state, rank order
+            restored = [None] * self.world
+            dist.all_gather_object(restored, self.trainer.restored)
         self.result = {
             "global_step": int(self.trainer.state.global_step),
             "train_loss": float(out.training_loss),
             "last_loss": self.progress.last_loss,
             "resumed_from": ckpt.name if ckpt else None,
+            "restored": restored if ckpt else None,
+            "steps_run": self.progress.steps_run,
             "train_seconds": round(secs, 2),
             "tokens_per_process": int(self.collator.tokens_seen),
             "tokens_per_s_per_process": round(self.collator.tokens_seen / max(secs, 1e-9), 1),

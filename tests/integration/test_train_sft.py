@@ -2,25 +2,33 @@
 
 - incremental day D+1 starts from day D's weights (checked by hash), reruns are no-ops, a new
   sid_version is refused (in-process: 1 process, no DeepSpeed; fast);
-- 2 processes with DeepSpeed ZeRO-2 over gloo: the warm-up changes only the new rows, and a run
-  whose rank 0 is SIGKILLed mid-run resumes from its own checkpoint to the same final step and
-  the same weights as an uninterrupted run; checkpoints hold safetensors weights.
+- 2 processes with DeepSpeed ZeRO-2 over gloo: the warm-up changes only the new rows; a run
+  SIGKILLed inside an optimizer step, or while writing a checkpoint, resumes from its last
+  complete checkpoint: it records the global step, optimizer / scheduler step counts and RNG
+  digest it restored on each rank, equal to what the killed run saved, runs only the remaining
+  steps and ends on the uninterrupted run's weights (a restart from scratch fails all of that);
+  a checkpoint torn by the kill (no ``trainer_state.json``) is ignored; checkpoints hold
+  safetensors and JSON only.
 """
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from onerec_prod.model.io import read_meta, weights_hash
+from onerec_prod.model.io import load_tree, read_meta, weights_hash
 from onerec_prod.samples.prompts import messages_to_json, render_history, task_messages, task_response
 from onerec_prod.sid.tokens import sid_to_text
+from onerec_prod.train import checkpoint
 from onerec_prod.train import day as train_cli
 from onerec_prod.train.data import write_rows_jsonl
 from onerec_prod.train.launcher import LaunchError
+from onerec_prod.train.sft import latest_checkpoint
+from tests.conftest import BEAUTY_DIR, REPO
 
 TASKS = ["text2sid", "seqrec", "caption", "sid_rec", "reasoning", "general_lm"]
 
@@ -123,24 +131,67 @@ def tmp_path_of(cfg):
     return Path(cfg.paths.var_root)
 
 
-def _ds_cfg(make_cfg, tiny_model_dir):
-    return make_cfg(f"model.base_dir={tiny_model_dir}", "train.nproc=2", "train.zero_stage=2",
-                    "train.max_steps=6", "train.save_steps=2", "train.per_device_batch_size=2")
+DS_OVERRIDES = ["train.nproc=2", "train.zero_stage=2", "train.max_steps=6", "train.save_steps=2",
+                "train.per_device_batch_size=2"]
+DT = "2014-01-01"
 
 
-def test_deepspeed_warmup_resumes_after_kill(make_cfg, tiny_model_dir, samples, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_cli, "_champion", lambda c: None)
-    cfg = _ds_cfg(make_cfg, tiny_model_dir)
-    data = samples("2014-01-01")
+def _ds_cfg(root, tiny_model_dir):
+    from onerec_prod.config import load_config
+
+    return load_config(REPO / "configs" / "test.yaml",
+                       [f"paths.var_root={root}", f"paths.dataset_dir={BEAUTY_DIR}",
+                        f"model.base_dir={tiny_model_dir}", *DS_OVERRIDES], environ={})
+
+
+@pytest.fixture(scope="module")
+def ds_run(tmp_path_factory, tiny_model_dir, beauty_items, tiny_sids):
+    """Samples of day DT and the uninterrupted 2-process ZeRO-2 warm-up run on them."""
+    root = tmp_path_factory.mktemp("sft_ds")
+    data = root / "samples.jsonl"
+    write_rows_jsonl(make_rows(beauty_items, tiny_sids, DT, 48), data, {"data_versions": {"samples": 7}})
+    ref = train_cli.train_stage(_ds_cfg(root, tiny_model_dir), DT, "warmup", root / "ref", root / "ref_work",
+                                samples_path=data)
+    return data, ref
+
+
+def _saved_state(ck) -> list[dict]:
+    """What the killed run saved in checkpoint ``ck``, per rank, in the resumed run's terms."""
+    state = json.loads((ck / "trainer_state.json").read_text())
+    sched = json.loads((ck / "scheduler.json").read_text())
+    out = []
+    for rank in range(2):
+        opt = load_tree(checkpoint.optimizer_file(ck, rank))
+        out.append({"checkpoint": ck.name, "global_step": state["global_step"],
+                    "optimizer_step": checkpoint.optimizer_steps(opt["base"]),
+                    "engine_global_steps": opt["engine"]["global_steps"],
+                    "scheduler_step": sched["last_epoch"],
+                    "rng_sha256": checkpoint.rng_digest(load_tree(checkpoint.rng_file(ck, rank)))})
+    return out
+
+
+def _resume_and_check(cfg, root, work, data, ref, ck) -> None:
+    """Resume; the run must have loaded ``ck``'s optimizer and RNG state on both ranks, run only
+    the remaining steps and end on the uninterrupted run's weights (a restart from scratch runs
+    6 steps and restores nothing)."""
+    saved = _saved_state(ck)
+    assert all(s["global_step"] == s["optimizer_step"] == s["engine_global_steps"] == 2 for s in saved)
+    out = train_cli.train_stage(cfg, DT, "warmup", root / "out", work, samples_path=data)
+    meta = read_meta(out)
+    assert meta["resumed_from"] == ck.name
+    assert meta["restored"] == saved
+    assert meta["steps_run"] == 6 - 2 and meta["global_step"] == read_meta(ref)["global_step"] == 6
+    assert weights_hash(out) == weights_hash(ref)
+
+
+def test_deepspeed_warmup_only_moves_new_rows(ds_run, tiny_model_dir):
+    _, ref = ds_run
     base = load_file(str(tiny_model_dir / "model.safetensors"))
     new = slice(int(read_meta(tiny_model_dir)["new_token_ids"][0]),
                 int(read_meta(tiny_model_dir)["new_token_ids"][1]) + 1)
-
-    # uninterrupted 2-process ZeRO-2 warm-up run
-    ref = train_cli.train_stage(cfg, "2014-01-01", "warmup", tmp_path / "ref", tmp_path / "ref_work",
-                                samples_path=data)
     ref_meta = read_meta(ref)
     assert ref_meta["global_step"] == 6 and ref_meta["world_size"] == 2
+    assert ref_meta["resumed_from"] is None and ref_meta["restored"] is None and ref_meta["steps_run"] == 6
     got = load_file(str(ref / "model.safetensors"))
     assert sorted(got) == sorted(base)
     for name, t in base.items():
@@ -151,21 +202,41 @@ def test_deepspeed_warmup_resumes_after_kill(make_cfg, tiny_model_dir, samples, 
         else:
             assert torch.equal(got[name], t), name
 
-    # the same run, rank 0 SIGKILLed after step 3 (checkpoint-2 is the latest)
-    work = tmp_path / "crash_work"
-    with pytest.raises(LaunchError):
-        train_cli.train_stage(cfg, "2014-01-01", "warmup", tmp_path / "crash", work,
-                              samples_path=data, fault={"kill_at_step": 3})
-    assert not (tmp_path / "crash").exists()
-    ckpts = sorted(p.name for p in (work / "checkpoints").glob("checkpoint-*"))
-    assert ckpts == ["checkpoint-2"]
-    ck = work / "checkpoints" / "checkpoint-2"
-    files = sorted(p.name for p in ck.rglob("*") if p.is_file())
-    assert "model.safetensors" in files and "optimizer_rank1.safetensors" in files
-    assert [f for f in files if not f.endswith((".safetensors", ".json"))] == []  # no pickle
 
-    out = train_cli.train_stage(cfg, "2014-01-01", "warmup", tmp_path / "crash", work, samples_path=data)
-    meta = read_meta(out)
-    assert meta["resumed_from"] == "checkpoint-2"
-    assert meta["global_step"] == ref_meta["global_step"] == 6
-    assert weights_hash(out) == weights_hash(ref)
+def test_deepspeed_resumes_after_kill_inside_an_optimizer_step(ds_run, tiny_model_dir, tmp_path, capfd):
+    """Rank 0 SIGKILLed inside step 3's optimizer step; checkpoint-2 is the latest."""
+    data, ref = ds_run
+    cfg, work = _ds_cfg(tmp_path, tiny_model_dir), tmp_path / "work"
+    with pytest.raises(LaunchError):
+        train_cli.train_stage(cfg, DT, "warmup", tmp_path / "out", work, samples_path=data,
+                              fault={"kill_at_step": 3, "at": "optimizer_step"})
+    assert "fault injection: SIGKILL rank 0 at optimizer_step of step 3" in capfd.readouterr().err
+    assert not (tmp_path / "out").exists()
+    ckdir = work / "checkpoints"
+    assert sorted(p.name for p in ckdir.glob("checkpoint-*")) == ["checkpoint-2"]
+    ck = ckdir / "checkpoint-2"
+    files = sorted(p.name for p in ck.rglob("*") if p.is_file())
+    assert {"model.safetensors", "optimizer_rank0.safetensors", "optimizer_rank1.safetensors",
+            "rng_state_0.safetensors", "rng_state_1.safetensors", "trainer_state.json"} <= set(files)
+    assert [f for f in files if not f.endswith((".safetensors", ".json"))] == []  # no pickle
+    _resume_and_check(cfg, tmp_path, work, data, ref, ck)
+
+
+def test_deepspeed_ignores_a_checkpoint_torn_by_a_kill(ds_run, tiny_model_dir, tmp_path, capfd):
+    """Rank 1 SIGKILLed while writing checkpoint-4, after its optimizer shard and before its RNG
+    shard: rank 0 waits at the barrier, so ``trainer_state.json`` (the complete marker) is never
+    written, and the resume starts from checkpoint-2 (without the barrier rank 0 marks it)."""
+    data, ref = ds_run
+    cfg, work = _ds_cfg(tmp_path, tiny_model_dir), tmp_path / "work"
+    with pytest.raises(LaunchError):
+        train_cli.train_stage(cfg, DT, "warmup", tmp_path / "out", work, samples_path=data,
+                              fault={"kill_at_step": 4, "at": "checkpoint_write", "rank": 1})
+    assert "fault injection: SIGKILL rank 1 at checkpoint_write of step 4" in capfd.readouterr().err
+    ckdir = work / "checkpoints"
+    assert sorted(p.name for p in ckdir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    torn = sorted(p.name for p in (ckdir / "checkpoint-4").iterdir())
+    assert "optimizer_rank1.safetensors" in torn  # rank 1 got that far
+    assert "rng_state_1.safetensors" not in torn, torn  # ... and no further
+    assert "trainer_state.json" not in torn, torn  # never marked complete
+    assert latest_checkpoint(ckdir) == ckdir / "checkpoint-2"
+    _resume_and_check(cfg, tmp_path, work, data, ref, ckdir / "checkpoint-2")
