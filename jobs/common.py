@@ -106,6 +106,11 @@ def delta_version(spark, path: str) -> int | None:
     return max(versions) if versions else None
 
 
+def partition_rows(spark, path: str, version: int, dt: str) -> int:
+    """Rows of partition ``dt`` in version ``version`` of the table at ``path``."""
+    return read_table(spark, path, version).where(f"dt = '{dt}'").count()
+
+
 def read_or_empty(spark, cfg: Config, name: str):
     """(DataFrame at the latest version, version) of table ``name``; an empty frame if absent."""
     path = table_path(cfg, name)
@@ -155,6 +160,7 @@ class ShrinkRefused(RuntimeError):
 
 def job_main(name: str, run: Callable, argv: list[str] | None = None) -> int:
     """``spark-submit jobs/<name>.py --date D [--config FILE] [--set k=v ...]``: run and print JSON."""
+    from jobs.day_record import DayIncomplete
     from onerec_prod.config import load_config
     from onerec_prod.log import setup_logging
     from onerec_prod.spark import get_spark
@@ -175,5 +181,8 @@ def job_main(name: str, run: Callable, argv: list[str] | None = None) -> int:
     except ShrinkRefused as e:
         sys.stderr.write(f"{e}\n")
         return 3
+    except DayIncomplete as e:  # an input day without its commit record (see jobs.day_record)
+        sys.stderr.write(f"{e}\n")
+        return 4
     sys.stdout.write(json.dumps(result.to_dict(), sort_keys=True) + "\n")
     return 0
