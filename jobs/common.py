@@ -158,9 +158,12 @@ class ShrinkRefused(RuntimeError):
     """A rerun would replace an ingested day with fewer lines than it holds (needs ``--force``)."""
 
 
+class DayIncomplete(RuntimeError):
+    """An input day has no valid day commit record (see :mod:`jobs.day_record`): rerun its stage."""
+
+
 def job_main(name: str, run: Callable, argv: list[str] | None = None) -> int:
     """``spark-submit jobs/<name>.py --date D [--config FILE] [--set k=v ...]``: run and print JSON."""
-    from jobs.day_record import DayIncomplete
     from onerec_prod.config import load_config
     from onerec_prod.log import setup_logging
     from onerec_prod.spark import get_spark

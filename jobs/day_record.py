@@ -37,6 +37,7 @@ import signal
 from datetime import UTC, datetime
 from typing import Any
 
+from jobs.common import DayIncomplete, delta_version
 from onerec_prod import storage
 from onerec_prod.config import Config
 
@@ -46,10 +47,8 @@ RECORD_DIR = "_day_commits"
 CHAOS_ENV = "ONEREC_CHAOS_CRASH_AT"
 # the stages that commit a day in several Delta commits, and so write a record
 STAGES = ("update_catalog", "ingest_events")
-
-
-class DayIncomplete(RuntimeError):
-    """A day's multi-commit stage has no valid commit record: it did not finish (rerun it)."""
+__all__ = ["DayIncomplete", "ChaosCrash", "require_day", "require_days", "read", "write", "invalidate",
+           "chaos_point"]
 
 
 class ChaosCrash(RuntimeError):
@@ -109,7 +108,6 @@ def require_day(spark, cfg: Config, stage: str, dt: str, reader: str) -> dict[st
     """
     from pyspark.sql import functions as F
 
-    from jobs.common import delta_version
     from onerec_prod.lake import read_table, table_path
 
     rec = read(cfg, stage, dt)

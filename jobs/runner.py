@@ -33,8 +33,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args, cfg) -> int:
-    from jobs.common import ShrinkRefused
-    from jobs.day_record import DayIncomplete
+    from jobs.common import DayIncomplete, ShrinkRefused
     from onerec_prod.spark import get_spark
     from onerec_prod.util import check_date
 

@@ -138,6 +138,9 @@ CI_OVERRIDES = [
     "eval.max_users=10",
     "eval.bertscore_items=2",
     "eval.sasrec_epochs=1",
+    # two optimiser steps rarely beat MostPop: the gate judges and records, but does not block, so
+    # the champion moves every day in both lakes (what is compared is the weights, not the verdict)
+    "gate.mode=dry_run",
 ]
 CI_STAGES = ("landing", "update_catalog", "ingest_events", "build_sequences", "build_eval_snapshot",
              "build_samples", "train", "rl_refresh", "evaluate", "gate_register", "promote")
@@ -159,7 +162,7 @@ def two_day_slice(beauty_slice, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(3600)  # a loaded 2-core box; a few minutes otherwise
 def test_inprocess_backfill_with_a_retried_day_equals_daily_runs(tmp_path, spark, two_day_slice):
     from onerec_prod.config import load_config
     from onerec_prod.pipeline import run_day, run_stage
