@@ -312,6 +312,10 @@ def main() -> int:
         shutil.rmtree(root / "lake", ignore_errors=True)
         (root / "lake").mkdir(parents=True)
         shutil.copytree(cat_dir, table_path(cfg, "catalog"))
+        from jobs import day_record  # the copied catalog stands for both days' update_catalog runs
+
+        for dt in (D1, D2):
+            day_record.write(cfg, "update_catalog", dt, {"catalog": {"version": 0}})
         results[n] = spark_size(spark, sampler, cfg, n)
         results[n]["manifest"] = json.loads((raw / "events" / f"dt={D2}" / "_synth.json").read_text())
         if n <= parse_size(args.python_max):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 
+from jobs import day_record
 from jobs.common import log_result, read_or_empty
 from onerec_prod.config import Config
 from onerec_prod.lake import JobResult, overwrite_partition, table_path
@@ -67,6 +68,7 @@ def run(spark, dt: str, cfg: Config) -> JobResult:
 
     check_date(dt)
     result = JobResult(JOB, dt)
+    day_record.require_day(spark, cfg, "ingest_events", dt, JOB)  # the day's events are all there
     examples, ex_version = read_or_empty(spark, cfg, "examples")
     events, ev_version = read_or_empty(spark, cfg, "events")
     snap = transform_eval_snapshot(examples.where(F.col("dt") == dt), events.where(F.col("dt") == dt),

@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from jobs import day_record
 from onerec_prod.config import Config
 from onerec_prod.lake import JobResult, overwrite_partition, read_table, table_path, table_version
 from onerec_prod.samples import builders
@@ -332,6 +333,8 @@ def run(spark, dt: str, cfg: Config, *, rationale_source: RationaleSource | None
 
     check_date(dt)
     c = cfg.samples
+    # the day's catalog (its items and their SIDs) is complete only with update_catalog's record
+    day_record.require_day(spark, cfg, "update_catalog", dt, JOB)
     inputs = read_inputs(spark, cfg, dt)
     day = inputs.examples.where(F.col("dt") == dt)
     flagged, kept, counts = split_eval(day, inputs.snapshot.where(F.col("dt") == dt), dt)

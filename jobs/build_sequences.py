@@ -10,6 +10,10 @@ job is a pure function of the events table: a rerun of any day, or days built ou
 the same examples as long as every earlier day is ingested. Rebuild a day after re-ingesting an
 earlier one (ingest_events reports ``later_days``; a date-ordered backfill does it).
 
+Refuses (:class:`jobs.day_record.DayIncomplete`) when ingest_events has no valid day commit record
+for D, or no record for an earlier day present in ``events``: such a day may hold events whose
+quarantine half never landed (a crash between ingest's two commits); a rerun of ingest repairs.
+
 ``user_history`` (last history_len items, chronological) is MERGEd with the state as of end of D:
 a row is only replaced by a state of the same or a later day, and only when it differs, so a
 rerun of D changes no content and an older day never overwrites a newer state.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import logging
 
+from jobs import day_record
 from jobs.common import ShrinkRefused, delta_version, log_result, merge_metrics, read_or_empty
 from onerec_prod.config import Config
 from onerec_prod.lake import JobResult, create_if_absent, overwrite_partition, table_path
@@ -120,7 +125,10 @@ def run(spark, dt: str, cfg: Config, force: bool = False) -> JobResult:
     check_date(dt)
     result = JobResult(JOB, dt)
     h = cfg.data.history_len
+    day_record.require_day(spark, cfg, "ingest_events", dt, JOB)
     events, ev_version = read_or_empty(spark, cfg, "events")
+    earlier_days = {r["dt"] for r in events.where(F.col("dt") < dt).select("dt").distinct().collect()}
+    day_record.require_days(cfg, "ingest_events", earlier_days, f"{JOB} dt={dt}")
     cols = ["event_id", "user_id", "item_id", "dt", "ts", "source_file", "seq"]
     day_events = events.where(F.col("dt") == dt).select(*cols).cache()
     pre = None

@@ -106,6 +106,11 @@ def delta_version(spark, path: str) -> int | None:
     return max(versions) if versions else None
 
 
+def partition_rows(spark, path: str, version: int, dt: str) -> int:
+    """Rows of partition ``dt`` in version ``version`` of the table at ``path``."""
+    return read_table(spark, path, version).where(f"dt = '{dt}'").count()
+
+
 def read_or_empty(spark, cfg: Config, name: str):
     """(DataFrame at the latest version, version) of table ``name``; an empty frame if absent."""
     path = table_path(cfg, name)
@@ -153,6 +158,10 @@ class ShrinkRefused(RuntimeError):
     """A rerun would replace an ingested day with fewer lines than it holds (needs ``--force``)."""
 
 
+class DayIncomplete(RuntimeError):
+    """An input day has no valid day commit record (see :mod:`jobs.day_record`): rerun its stage."""
+
+
 def job_main(name: str, run: Callable, argv: list[str] | None = None) -> int:
     """``spark-submit jobs/<name>.py --date D [--config FILE] [--set k=v ...]``: run and print JSON."""
     from onerec_prod.config import load_config
@@ -175,5 +184,8 @@ def job_main(name: str, run: Callable, argv: list[str] | None = None) -> int:
     except ShrinkRefused as e:
         sys.stderr.write(f"{e}\n")
         return 3
+    except DayIncomplete as e:  # an input day without its commit record (see jobs.day_record)
+        sys.stderr.write(f"{e}\n")
+        return 4
     sys.stdout.write(json.dumps(result.to_dict(), sort_keys=True) + "\n")
     return 0

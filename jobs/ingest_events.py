@@ -21,17 +21,23 @@ Reasons, first failing wins, in this order: ``malformed_json``; ``missing_field:
   the job refuses (:class:`jobs.common.ShrinkRefused`, naming the counts) unless ``force``.
 * ``events_written`` and ``quarantine_rows`` are counted in the written Delta versions, not
   derived from the line count; if they do not add up to ``lines_read`` the job fails.
+* The day is complete only when its commit record (:mod:`jobs.day_record`) is written, LAST: the
+  record is deleted before the ``events`` commit and rewritten after both commits and the count
+  check, so a crash between the two commits leaves a day that readers refuse
+  (``build_sequences``, ``build_eval_snapshot``) until a rerun repairs it.
 """
 
 from __future__ import annotations
 
 import logging
 
+from jobs import day_record
 from jobs.common import (
     ShrinkRefused,
     day_end_ts,
     log_result,
     parse_raw,
+    partition_rows,
     read_or_empty,
     read_raw_lines,
     reason_counts,
@@ -149,13 +155,6 @@ def known_items(spark, cfg: Config, dt: str):
     return ids, version
 
 
-def partition_rows(spark, path: str, version: int, dt: str) -> int:
-    """Rows of partition ``dt`` in version ``version`` of the table at ``path``."""
-    from onerec_prod.lake import read_table
-
-    return read_table(spark, path, version).where(f"dt = '{dt}'").count()
-
-
 def run(spark, dt: str, cfg: Config, force: bool = False) -> JobResult:
     """Validate and land day ``dt``; returns counts and the Delta versions read and written.
 
@@ -187,8 +186,10 @@ def run(spark, dt: str, cfg: Config, force: bool = False) -> JobResult:
                 raise ShrinkRefused(msg + ". Restore the landing partition, or rerun with --force to "
                                     "replace the day with what landed now.")
             log.warning("%s; replacing it anyway (--force)", msg)
+        day_record.invalidate(cfg, JOB, dt)  # from here until the record is rewritten, the day is incomplete
         ev_written = overwrite_partition(good.coalesce(1), spark, table_path(cfg, "events"), "events",
                                          {"dt": dt})
+        day_record.chaos_point(JOB, "events")
         q_written = overwrite_partition(bad.coalesce(1), spark, table_path(cfg, "events_quarantine"),
                                         "events_quarantine", {"dt": dt})
     finally:
@@ -207,6 +208,9 @@ def run(spark, dt: str, cfg: Config, force: bool = False) -> JobResult:
                      "quarantine_rows": q_rows, **counts, "later_days": len(later)}
     result.read_versions = {"catalog": cat_version, "events": ev_version}
     result.written_versions = {"events": ev_written, "events_quarantine": q_written}
+    day_record.write(cfg, JOB, dt, {"events": {"version": ev_written, "rows": ev_rows},
+                                    "events_quarantine": {"version": q_written, "rows": q_rows}},
+                     {"lines_read": n_lines})
     log_result(result)
     return result
 

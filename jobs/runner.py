@@ -33,7 +33,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args, cfg) -> int:
-    from jobs.common import ShrinkRefused
+    from jobs.common import DayIncomplete, ShrinkRefused
     from onerec_prod.spark import get_spark
     from onerec_prod.util import check_date
 
@@ -54,6 +54,9 @@ def main(args, cfg) -> int:
             except ShrinkRefused as e:
                 print(f"job {name} dt={dt}: {e}")
                 return 3
+            except DayIncomplete as e:
+                print(f"job {name} dt={dt}: {e}")
+                return 4
             except FileNotFoundError as e:
                 print(f"job {name} dt={dt}: {e}")
                 return 1

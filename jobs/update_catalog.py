@@ -13,17 +13,22 @@
   is not importable.
 * Rerun of the same day: the MERGE matches no condition, so the table *content* is identical;
   Delta still commits a new (empty) version, so version numbers grow.
+* Up to three commits (``items_quarantine``, the catalog MERGE, the SID MERGE): the day is
+  complete only when its commit record (:mod:`jobs.day_record`) is written after all of them
+  (deleted before the first). ``build_samples`` refuses a day without it; a rerun repairs.
 """
 
 from __future__ import annotations
 
 import logging
 
+from jobs import day_record
 from jobs.common import (
     delta_version,
     log_result,
     merge_metrics,
     parse_raw,
+    partition_rows,
     read_raw_lines,
     reason_counts,
 )
@@ -135,9 +140,12 @@ def run(spark, dt: str, cfg: Config, assign_sids: bool = True) -> JobResult:
         n_lines, counts = reason_counts(items, JOB)
         bad = items.where(F.col("reason").isNotNull()).select(
             "raw", "reason", "source_file", "line_no", F.lit(dt).alias("dt"))
+        day_record.invalidate(cfg, JOB, dt)  # the day is incomplete until the record is rewritten
         q_version = overwrite_partition(bad.coalesce(1), spark, table_path(cfg, "items_quarantine"),
                                         "items_quarantine", {"dt": dt})
+        day_record.chaos_point(JOB, "items_quarantine")
         merged = merge_catalog(spark, path, transform_catalog_updates(items, dt))
+        day_record.chaos_point(JOB, "catalog")
     finally:
         items.unpersist()
     sid_info: dict = {"sids_assigned": 0, "sid_status": "skipped"}
@@ -148,6 +156,13 @@ def run(spark, dt: str, cfg: Config, assign_sids: bool = True) -> JobResult:
                      "sids_assigned": int(sid_info["sids_assigned"])}
     result.extra = {k: v for k, v in sid_info.items() if k != "sids_assigned"}
     result.written_versions = {"catalog": delta_version(spark, path), "items_quarantine": q_version}
+    q_rows = partition_rows(spark, table_path(cfg, "items_quarantine"), q_version, dt)
+    if q_rows != result.counts["quarantined"]:
+        raise RuntimeError(f"{JOB} dt={dt}: {result.counts['quarantined']} lines quarantined but "
+                           f"items_quarantine holds {q_rows} rows for the day: rerun the day")
+    day_record.write(cfg, JOB, dt, {"catalog": {"version": result.written_versions["catalog"]},
+                                    "items_quarantine": {"version": q_version, "rows": q_rows}},
+                     {"lines_read": n_lines})
     log_result(result)
     return result
 

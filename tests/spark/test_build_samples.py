@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from jobs import day_record
 from onerec_prod.config import load_config
 from onerec_prod.lake import read_table, table_path
 from onerec_prod.samples.builders import TASKS
@@ -83,6 +84,8 @@ def lake(spark, tmp_path_factory, beauty_items, tiny_sids):
     # u2's held-out event is its middle one: its later event must go too (guard against leaks)
     held.append(next(r for r in day2 if r[0] == f"{D2}-u2-4"))
     _write_table(spark, cfg, "catalog", _catalog_rows(beauty_items, tiny_sids), CATALOG_DDL)
+    for dt in (D1, D2):  # the catalog above stands for both days' committed update_catalog runs
+        day_record.write(cfg, "update_catalog", dt, {"catalog": {"version": 0}})
     _write_table(spark, cfg, "examples", day1 + day2, EXAMPLE_DDL)
     _write_table(spark, cfg, "eval_snapshot", held, EXAMPLE_DDL)
     held = [r[0] for r in held]
