@@ -146,6 +146,19 @@ def build_catalog_trie(catalog: Sequence[Mapping[str, Any]], sizes: Sequence[int
     return trie, [r["item_id"] for r in with_sid]
 
 
+def per_day_intervals(days: Sequence[str], gains: Mapping[str, Sequence[float]], k: int,
+                      seed: int) -> dict[str, dict[str, dict]]:
+    """``{dt: {"recall@k": {mean, low, high, n}, "ndcg@k": ...}}``: the pooled window split by the
+    day of each eval event (a drop on one day shows even when the pooled mean hides it)."""
+    _, summarize = _stats()
+    by_day: dict[str, list[int]] = {}
+    for i, d in enumerate(days):
+        by_day.setdefault(d, []).append(i)
+    keys = [f"recall@{k}", f"ndcg@{k}"]
+    return {d: summarize({m: [gains[m][i] for i in idx] for m in keys}, seed=seed)
+            for d, idx in sorted(by_day.items())}
+
+
 def _pick_device(device: str | None) -> str:
     if device:
         return device
@@ -213,6 +226,7 @@ def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, t
     events_per_day: dict[str, int] = {}
     for u in users:
         events_per_day[str(u.get("dt", inputs.dt))] = events_per_day.get(str(u.get("dt", inputs.dt)), 0) + 1
+    per_day = per_day_intervals([str(u.get("dt", inputs.dt)) for u in users], gains, max(ecfg.ks), ecfg.seed)
 
     t2 = time.perf_counter()
     bert: dict[str, Any] = {"bertscore_f1": None}
@@ -246,6 +260,7 @@ def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, t
         "intervals": intervals,
         "per_user": per_user,
         "events_per_day": dict(sorted(events_per_day.items())),
+        "per_day": per_day,
         "window": {"from": window_start(inputs.dt, ecfg.window_days), "to": inputs.dt,
                    "mostpop_days": ecfg.mostpop_window_days},
         "baselines": baselines,
@@ -285,6 +300,7 @@ def evaluate_models(cfg: Config, dt: str, candidate: str | Path, *, others: Mapp
         report[f"{name}_metrics"] = other["metrics"]
         report[f"{name}_per_user"] = {k: v for k, v in other["per_user"].items() if k != "event_ids"}
         report[f"{name}_intervals"] = other["intervals"]
+        report[f"{name}_per_day"] = other["per_day"]
     return report
 
 

@@ -62,3 +62,58 @@ def format_report(report: dict[str, Any], with_paper: bool = False) -> str:
     bs = report.get("metrics", {}).get("bertscore_f1")
     tail = f"bertscore_f1={bs:.4f}" if isinstance(bs, float) else "bertscore_f1=-"
     return f"{head}\n{format_table(rows)}\n{tail}"
+
+
+def _model_intervals(report: dict[str, Any], metric: str) -> dict[str, dict[str, float]]:
+    """``{model: {mean, low, high}}`` of ``metric`` for every model and baseline of ``report``
+    (all scored on the same events)."""
+    out = {"candidate": (report.get("intervals") or {}).get(metric)}
+    for name in ("sft", "champion"):
+        out[name] = (report.get(f"{name}_intervals") or {}).get(metric)
+    for name, b in (report.get("baselines") or {}).items():
+        out[name] = (b.get("intervals") or {}).get(metric)
+    return {k: v for k, v in out.items() if v}
+
+
+def plot_report(report: dict[str, Any], path: str | Path) -> Path:
+    """The day's eval as a figure (logged to MLflow with the gate): left, R@10 and N@10 of every model
+    on the same events with their 95% bootstrap intervals; right, R@10 per eval day of the pooled
+    window for the candidate and the champion, each point labelled with its number of events."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = max((report.get("config") or {}).get("ks") or [10])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8))
+    for j, metric in enumerate((f"recall@{k}", f"ndcg@{k}")):
+        iv = _model_intervals(report, metric)
+        xs = [i + (j - 0.5) * 0.38 for i in range(len(iv))]
+        means = [v["mean"] for v in iv.values()]
+        err = [[m - v["low"] for m, v in zip(means, iv.values(), strict=True)],
+               [v["high"] - m for m, v in zip(means, iv.values(), strict=True)]]
+        left.bar(xs, means, width=0.36, yerr=err, capsize=3, label=metric.replace("recall", "R").replace("ndcg", "N"))
+        left.set_xticks(range(len(iv)), list(iv))
+    left.set_title(f"dt={report.get('dt')}: {report.get('n_users')} events, 95% intervals")
+    left.legend(fontsize=8)
+    for name, key in (("candidate", "per_day"), ("champion", "champion_per_day")):
+        days = report.get(key) or {}
+        if not days:
+            continue
+        ds = sorted(days)
+        m = [days[d][f"recall@{k}"] for d in ds]
+        right.errorbar(ds, [v["mean"] for v in m], yerr=[[v["mean"] - v["low"] for v in m],
+                                                          [v["high"] - v["mean"] for v in m]],
+                       marker="o", capsize=3, label=name)
+        if name == "candidate":
+            for d, v in zip(ds, m, strict=True):
+                right.annotate(f"n={v['n']}", (d, v["high"]), fontsize=7, ha="center", va="bottom")
+    right.set_title(f"R@{k} per eval day of the window")
+    right.tick_params(axis="x", labelrotation=30, labelsize=7)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

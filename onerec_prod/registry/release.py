@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -115,15 +116,23 @@ def gate_and_register(
     metrics["gate/passed_effective"] = float(result.passed_effective)
 
     challenger = bool(result.passed_effective and version != champ_version)
-    tracking.log_step(
-        cfg, dt, "gate",
-        metrics=metrics,
-        tags={"gate_mode": result.mode, "gate_passed": str(result.passed).lower(),
-              "model_version": version, "champion_version": champ_version or "",
-              "champion_metrics_source": source},
-        artifacts={"gate.json": gate_dict, "eval_report.json": report, "lineage.json": lineage,
-                   "gate_table.txt": result.format_table()},
-    )
+    with tempfile.TemporaryDirectory(prefix="onerec-gate-") as tmp:
+        from onerec_prod.eval.report import plot_report
+
+        artifacts: dict[str, Any] = {"gate.json": gate_dict, "eval_report.json": report, "lineage.json": lineage,
+                                     "gate_table.txt": result.format_table()}
+        try:  # the figure is for people; a plotting problem never blocks the gate
+            artifacts["eval_plot.png"] = plot_report(report, Path(tmp) / "eval_plot.png")
+        except Exception as e:  # noqa: BLE001
+            log.warning("gate dt=%s: eval plot not drawn (%s: %s)", dt, type(e).__name__, e)
+        tracking.log_step(
+            cfg, dt, "gate",
+            metrics=metrics,
+            tags={"gate_mode": result.mode, "gate_passed": str(result.passed).lower(),
+                  "model_version": version, "champion_version": champ_version or "",
+                  "champion_metrics_source": source},
+            artifacts=artifacts,
+        )
     if challenger:
         registry.set_challenger(cfg, version)
     log.info("gate of %s v%s: %s", cfg.registry.model_name, version, result.verdict())

@@ -10,6 +10,7 @@ the difference within the noise) is promoted. Real Spark + Delta tables, real ML
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -144,6 +145,19 @@ def test_degraded_candidate_blocked_and_noise_level_candidate_promoted(world):
     assert promo == {**promo, "promoted": False, "reason": "gate failed"}
     assert "recall@10:paired" in promo["failed_checks"]
     assert aliases(cfg)[CHAMPION] == champion_version
+    # the pooled window split by eval day, for both models, adds up to the pooled events
+    for key in ("per_day", "champion_per_day"):
+        assert sum(d["recall@10"]["n"] for d in ev[key].values()) == N_USERS
+    assert sum(ev["events_per_day"].values()) == N_USERS
+    # the figure of the day's eval is on the gate's MLflow run, next to its table
+    from onerec_prod.registry import tracking
+
+    c = tracking.client(cfg)
+    rid = tracking.step_run_id(cfg, D3, "gate")
+    names = {a.path for a in c.list_artifacts(rid)}
+    assert {"eval_plot.png", "gate_table.txt", "eval_report.json"} <= names, names
+    png = Path(c.download_artifacts(rid, "eval_plot.png", str(cfg.paths.var / "dl")))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
     # D4: the same recipe with another seed: some users won, others lost, within the noise: promoted
     _put_candidate(cfg, D4, tok, train(1))
