@@ -233,7 +233,7 @@ def onerec_daily():
         def choose_training_path() -> str:
             from onerec_prod.pipeline import choose_training_path as choose
 
-            path = choose(load_config(CFG_PATH))
+            path = choose(load_config(CFG_PATH), get_current_context()["ds"])  # a rerun repeats its path
             return "bootstrap_alignment" if path == "bootstrap" else "incremental_sft"
 
         if CLUSTER:

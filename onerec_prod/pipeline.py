@@ -133,22 +133,36 @@ def _spark_stage(name: str, cfg: Config, dt: str) -> dict[str, Any]:
 
 def stage_train(cfg: Config, dt: str, *, path: str | None = None, force: bool = False,
                 **_: Any) -> dict[str, Any]:
-    """Bootstrap alignment when no champion exists, else incremental SFT from the champion."""
+    """Bootstrap alignment when no champion exists, else incremental SFT from the champion.
+
+    A rerun of day D repeats its first attempt: the same path and the same parent version (from
+    ``runs/dt=D/train.json``), not the current champion, which may be the day's own model by now.
+    """
     from onerec_prod.train.day import train_day
 
-    path = path or choose_training_path(cfg)
-    out = train_day(cfg, dt, bootstrap=(path == "bootstrap"), force=force)
+    path = path or choose_training_path(cfg, dt)
+    prev = read_record(cfg, dt, "train") or {}
+    parent = ((prev.get("meta") or {}).get("parent") or {}) if prev.get("path") == path else {}
+    pinned = parent.get("version") if parent.get("kind") == "champion" else None
+    if pinned is not None:
+        log.info("train dt=%s: a rerun; starting from version %s, the parent of the day's first attempt", dt, pinned)
+    out = train_day(cfg, dt, bootstrap=(path == "bootstrap"), force=force, parent_version=pinned)
     meta = _read_meta(out)
     return {"path": path, "model_dir": str(out), "train_loss": meta.get("train_loss"), "meta": meta}
 
 
-def choose_training_path(cfg: Config) -> str:
+def choose_training_path(cfg: Config, dt: str | None = None) -> str:
     """``bootstrap`` (itemic alignment from scratch) when no champion exists, else ``incremental``.
 
+    A rerun of day ``dt`` takes the path its first attempt took (``runs/dt=D/train.json``): a
+    bootstrap day whose model became champion is bootstrapped again, not trained from itself.
     Reads the alias only: choosing the branch downloads no weights.
     """
     from onerec_prod.registry.registry import CHAMPION, aliases
 
+    prev = read_record(cfg, dt, "train") if dt is not None else None
+    if prev and prev.get("path") in ("bootstrap", "incremental"):
+        return prev["path"]
     return "incremental" if aliases(cfg).get(CHAMPION) is not None else "bootstrap"
 
 

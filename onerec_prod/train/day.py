@@ -41,14 +41,24 @@ def _champion(cfg: Config) -> tuple[str, Path] | None:
     return (str(got[0]), Path(got[1])) if got else None
 
 
-def _parent(cfg: Config, stage, init_from: str | Path | None, previous: Path | None) -> dict[str, Any]:
-    """Init weights of a stage: explicit dir, previous stage, champion, or the base model."""
+def _parent(cfg: Config, stage, init_from: str | Path | None, previous: Path | None,
+            parent_version: str | None = None) -> dict[str, Any]:
+    """Init weights of a stage: explicit dir, previous stage, champion, or the base model.
+
+    ``parent_version`` pins the registry version a ``champion`` stage starts from (a rerun of a day
+    repeats its first attempt's parent, even when the champion has moved since, e.g. to the day's
+    own model).
+    """
     from onerec_prod.model.base import ensure_base_model
 
     if init_from:
         return {"dir": Path(init_from), "version": None, "kind": "explicit"}
     if stage.init == "previous" and previous is not None:
         return {"dir": previous, "version": None, "kind": "previous"}
+    if stage.init == "champion" and parent_version is not None:
+        from onerec_prod.registry.registry import version_dir
+
+        return {"dir": version_dir(cfg, parent_version), "version": str(parent_version), "kind": "champion"}
     if stage.init == "champion":
         champ = _champion(cfg)
         if champ is not None:
@@ -100,7 +110,7 @@ def _run_key(*parts: Any) -> str:
 def train_stage(cfg: Config, dt: str, stage_name: str, out_dir: Path, work: Path, *,
                 init_from: str | Path | None = None, previous: Path | None = None,
                 samples_path: str | Path | None = None, force: bool = False,
-                fault: dict[str, Any] | None = None) -> Path:
+                fault: dict[str, Any] | None = None, parent_version: str | None = None) -> Path:
     """Train one (non-chain) stage into ``out_dir``; ``work`` holds samples, spec, checkpoints.
 
     ``fault`` (tests, chaos drills) is passed to the training processes, e.g.
@@ -115,7 +125,7 @@ def train_stage(cfg: Config, dt: str, stage_name: str, out_dir: Path, work: Path
 
     stage = load_stage(stage_name)
     tcfg = stage_train_cfg(cfg.train, stage)
-    parent = _parent(cfg, stage, init_from, previous)
+    parent = _parent(cfg, stage, init_from, previous, parent_version)
     init_dir = _prepare_init(cfg, Path(parent["dir"]), work)
     pmeta = read_meta(init_dir)
     parent_sha = pmeta.get("weights_sha256") or weights_hash(init_dir)
@@ -179,7 +189,7 @@ def _cuda_available() -> bool:
 def train_day(cfg: Config, dt: str, init_from: str | Path | None = None,
               samples_path: str | Path | None = None, *, stage: str | None = None,
               out_dir: str | Path | None = None, bootstrap: bool = False,
-              force: bool = False) -> Path:
+              force: bool = False, parent_version: str | None = None) -> Path:
     """Train day ``dt`` and return the model dir (default ``candidates/dt=D/sft``).
 
     ``stage`` default: ``bootstrap`` (the alignment + reasoning chain from the base model) when
@@ -201,6 +211,7 @@ def train_day(cfg: Config, dt: str, init_from: str | Path | None = None,
         dst = out if last else out.parent / f"{out.name}.stages" / name
         previous = train_stage(cfg, dt, name, dst, work_root / name,
                                init_from=init_from if i == 0 else None, previous=previous,
-                               samples_path=samples_path, force=force)
+                               samples_path=samples_path, force=force,
+                               parent_version=parent_version if i == 0 else None)
     log.info("day %s stage %s -> %s", dt, stage_name, out)
     return out
