@@ -162,7 +162,6 @@ def two_day_slice(beauty_slice, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.slow  # about 16 min on a loaded 2-core box (8 quiet): too long for the CI suite
 @pytest.mark.timeout(3600)  # a loaded 2-core box; a few minutes otherwise
 def test_inprocess_backfill_with_a_retried_day_equals_daily_runs(tmp_path, spark, two_day_slice):
     from onerec_prod.config import load_config
