@@ -6,11 +6,13 @@ moto implements the S3 REST API in process memory; s3fs (Python side) and Hadoop
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +99,22 @@ def start_s3_server(log_path: Path, timeout_s: float = 60.0, serial: bool = Fals
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"moto server did not listen on 127.0.0.1:{port} within {timeout_s}s")
+
+
+@contextlib.contextmanager
+def s3_environment(log_path: Path, bucket: str, *, serial: bool = False) -> Iterator[S3Server]:
+    """A started server with ``bucket`` created and its credentials/endpoint in ``os.environ``
+    (what s3fs/boto3 in this process read); stops it and restores the environment on exit."""
+    srv = start_s3_server(log_path, serial=serial)
+    saved = {k: os.environ.get(k) for k in srv.env()}
+    os.environ.update(srv.env())
+    try:
+        srv.create_bucket(bucket)
+        yield srv
+    finally:
+        srv.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

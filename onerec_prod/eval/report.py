@@ -110,7 +110,8 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
                 right.annotate(f"n={v['n']}", (d, v["high"]), fontsize=7, ha="center", va="bottom")
     right.set_title(f"R@{k} per eval day of the window")
     right.tick_params(axis="x", labelrotation=30, labelsize=7)
-    right.legend(fontsize=8)
+    if right.get_legend_handles_labels()[0]:  # a report without per-day splits draws no lines
+        right.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -433,18 +433,10 @@ LOCK_BUCKET = "onerec-locks"
 def s3lock(tmp_path_factory):
     """A real S3 server (moto, 127.0.0.1, one request at a time as S3's conditional writes are
     atomic) with a lock bucket; its credentials in the environment while the module runs."""
-    import os
+    from tests.s3server import s3_environment
 
-    from tests.s3server import start_s3_server
-
-    srv = start_s3_server(tmp_path_factory.mktemp("moto") / "moto.log", serial=True)
-    saved = {k: os.environ.get(k) for k in srv.env()}
-    os.environ.update(srv.env())
-    srv.create_bucket(LOCK_BUCKET)
-    yield srv
-    srv.stop()
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    with s3_environment(tmp_path_factory.mktemp("moto") / "moto.log", LOCK_BUCKET, serial=True) as srv:
+        yield srv
 
 
 def object_lock_overrides(srv, prefix: str) -> list[str]:

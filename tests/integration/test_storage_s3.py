@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.s3server import start_s3_server
+from tests.s3server import s3_environment
 
 pytestmark = pytest.mark.timeout(300)
 BUCKET = "onerec-lake"
@@ -21,17 +21,8 @@ BUCKET = "onerec-lake"
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    srv = start_s3_server(tmp_path_factory.mktemp("moto") / "moto.log")
-    saved = {k: os.environ.get(k) for k in srv.env()}
-    os.environ.update(srv.env())
-    srv.create_bucket(BUCKET)
-    yield srv
-    srv.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with s3_environment(tmp_path_factory.mktemp("moto") / "moto.log", BUCKET) as srv:
+        yield srv
 
 
 @pytest.fixture
