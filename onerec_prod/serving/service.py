@@ -305,8 +305,9 @@ def _data_date_seconds(dt: str | None) -> float | None:
 class _StateCollector:
     """Gauges read from the serving state at scrape time (the state swaps; no stale values stay behind)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.state: ServingState | None = None
+        self.clock = clock  # wall clock of the scrape (a test passes a fixed one)
 
     def describe(self):
         return []  # families depend on the state; nothing to check at registration
@@ -333,7 +334,7 @@ class _StateCollector:
             yield GaugeMetricFamily(
                 "onerec_model_age_seconds",
                 "Seconds since the serving model was trained: alert when the champion stops refreshing.",
-                value=max(0.0, time.time() - state.trained_at))
+                value=max(0.0, self.clock() - state.trained_at))
         day = _data_date_seconds(state.data_date)
         if day is not None:
             yield GaugeMetricFamily(
@@ -359,7 +360,7 @@ class Metrics:
         "failed": ("onerec_request_failures", "Requests that raised an unexpected error (answered 500)."),
     }
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         from prometheus_client import (
             CollectorRegistry,
             Counter,
@@ -387,7 +388,7 @@ class Metrics:
         self.reload_failures = Counter("onerec_model_reload_failures",
                                        "Failed loads (the old model kept serving).", registry=reg)
         self.counters = {what: Counter(name, doc, registry=reg) for what, (name, doc) in self._COUNTERS.items()}
-        self._state = _StateCollector()
+        self._state = _StateCollector(clock)
         reg.register(self._state)
         self._render_lock = threading.Lock()
 

@@ -220,15 +220,13 @@ def test_metrics_model_gauges_and_separate_registries():
     be.name = "fake"
     trained = time.time() - 3600.0
     st = dataclasses.replace(state(be), trained_at=trained, data_date="2014-03-07")
-    a, b = Metrics(), Metrics()
+    a, b = Metrics(clock=lambda: trained + 3600.0), Metrics()
     a.count("shed")
     a.count("failed")
-    before = time.time()
     got = _samples(a.render(st))
-    after = time.time()
     assert got[("onerec_ready", ())] == 1
-    # age = scrape time - training time: bounded by the clock readings around the scrape, not by speed
-    assert before - trained <= got[("onerec_model_age_seconds", ())] <= after - trained
+    # age = the scrape's clock - training time (a fixed clock: no wall time in the assertion)
+    assert got[("onerec_model_age_seconds", ())] == pytest.approx(3600.0)
     assert got[("onerec_model_trained_timestamp_seconds", ())] == pytest.approx(trained)
     assert got[("onerec_model_data_date_seconds", ())] == 1394150400.0  # 2014-03-07T00:00:00Z
     info = [k for k in got if k[0] == "onerec_model_info"]
