@@ -125,3 +125,16 @@ def tiny_sids(beauty_items) -> dict[str, tuple[int, ...]]:
                 out[it["item_id"]] = sid
                 break
     return out
+
+
+def gate_record(champion: str | None, *, passed: bool = True, recall: float = 0.12, ndcg: float = 0.07,
+                champion_ndcg: float = 0.07) -> dict:
+    """A gate result as ``registry.record_gate`` stores it: a recall floor (passed) and an NDCG
+    regression check vs ``champion`` (``passed``), for registry tests that need one."""
+    return {"mode": "enabled", "passed": passed, "passed_effective": passed, "first_model": champion is None,
+            "champion_version": champion, "champion_metrics_source": "report (same snapshot)",
+            "checks": [{"metric": "recall_at_10", "kind": "floor", "value": recall, "threshold": 0.05,
+                        "champion_value": None, "passed": True, "message": ""},
+                       {"metric": "ndcg_at_10", "kind": "regression", "value": ndcg, "threshold": 0.065,
+                        "champion_value": champion_ndcg, "passed": passed, "message": ""}],
+            "notes": []}

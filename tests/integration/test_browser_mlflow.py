@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import gate_record
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,13 +42,7 @@ def _free_port() -> int:
 
 
 def _gate(champion: str | None) -> dict:
-    return {"mode": "enabled", "passed": True, "passed_effective": True, "first_model": champion is None,
-            "champion_version": champion, "champion_metrics_source": "report (same snapshot)",
-            "checks": [{"metric": "recall_at_10", "kind": "floor", "value": 0.1234, "threshold": 0.05,
-                        "champion_value": None, "passed": True, "message": ""},
-                       {"metric": "ndcg_at_10", "kind": "regression", "value": 0.0712, "threshold": 0.065,
-                        "champion_value": 0.0701, "passed": True, "message": ""}],
-            "notes": []}
+    return gate_record(champion, recall=0.1234, ndcg=0.0712, champion_ndcg=0.0701)
 
 
 def _model_dir(path: Path, day: str) -> Path:

@@ -13,17 +13,13 @@ import shutil
 
 import pytest
 
+from tests.conftest import gate_record
+
 pytestmark = pytest.mark.timeout(600)
 
 
 def _gate(passed: bool, champion: str | None) -> dict:
-    return {"mode": "enabled", "passed": passed, "passed_effective": passed, "first_model": champion is None,
-            "champion_version": champion, "champion_metrics_source": "report (same snapshot)",
-            "checks": [{"metric": "recall_at_10", "kind": "floor", "value": 0.12, "threshold": 0.05,
-                        "champion_value": None, "passed": True, "message": ""},
-                       {"metric": "ndcg_at_10", "kind": "regression", "value": 0.07, "threshold": 0.065,
-                        "champion_value": 0.07, "passed": passed, "message": ""}],
-            "notes": []}
+    return gate_record(champion, passed=passed)
 
 
 def test_champion_loads_as_pyfunc_and_versions_explain_themselves(make_cfg, tiny_model_dir, tiny_sids,
