@@ -372,6 +372,11 @@ class EvalCfg(_Group):
         default_factory=lambda: ["mostpop", "sasrec"], description="Baselines in every report."
     )
     sasrec_epochs: int = Field(20, ge=1, description="SASRec training epochs.")
+    sasrec_warm_start: bool = Field(
+        True, description="Daily evals: start SASRec from the newest cached earlier day's model "
+        "(<var>/cache/sasrec) and train it only on the sequences that changed since; off: train from "
+        "scratch on every sequence each day.",
+    )
     sasrec_dim: int = Field(64, ge=8, description="SASRec hidden size.")
     sasrec_max_len: int = Field(50, ge=2, description="SASRec: items of history it reads.")
     caption_max_tokens: int = Field(48, ge=1, description="Max tokens of a generated caption.")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -110,25 +109,11 @@ def stage_landing(cfg: Config, dt: str, **_: Any) -> dict[str, Any]:
 
 
 def _spark_stage(name: str, cfg: Config, dt: str) -> dict[str, Any]:
-    """Run Spark job ``name``: on the shared local Spark server when this process was started by
-    the local Airflow with one (``$ONEREC_SPARK_SERVER``), else in this process's own session.
-
-    A server that is down, still starting or on another Spark config is not an error: the job then
-    runs here (same code, a JVM of its own), with a warning saying why.
-    """
+    """Run Spark job ``name``: on the shared local Spark server when there is one, else in this
+    process's own session (:func:`onerec_prod.spark_server.run_on_spark`)."""
     from onerec_prod import spark_server
 
-    url = os.environ.get(spark_server.ENV_URL)
-    if url and cfg.spark.shared_session:
-        try:
-            rec = spark_server.submit(url, cfg, name, dt)
-            rec.setdefault("extra", {})["spark_session"] = "shared"
-            return rec
-        except spark_server.SparkServerUnavailable as e:
-            log.warning("stage %s dt=%s: %s; running in this process instead", name, dt, e)
-    from onerec_prod.spark import get_spark
-
-    return spark_server.run_job(get_spark(cfg.spark), name, dt, cfg)
+    return spark_server.run_on_spark(cfg, name, dt)
 
 
 def stage_train(cfg: Config, dt: str, *, path: str | None = None, force: bool = False,

@@ -19,8 +19,11 @@ Protocol (HTTP on 127.0.0.1, stdlib only; a token file under ``<var>/spark-serve
 other local users out):
 
 * ``GET /health`` -> 200 ``{"ready": true, ...}`` once the session is up (503 before);
-* ``POST /run`` ``{"job", "dt", "config"}`` -> ``{"ok": true, "result": {...}, "log": [...]}``
-  or ``{"ok": false, "error": "...", "error_type": "...", "log": [...]}``.
+* ``POST /run`` ``{"job", "dt", "config", "kwargs"}`` -> ``{"ok": true, "result": {...}, "log": [...]}``
+  or ``{"ok": false, "error": "...", "error_type": "...", "log": [...]}``. ``job`` is a Spark stage
+  (:data:`SPARK_STAGES`) or one of the model tasks' Spark reads and writes (:data:`SPARK_CALLS`:
+  the training mix export, the RL prompts, the eval inputs, the catalog, the Think-Ahead table),
+  so train, RL, evaluate, gate and precompute start no JVM either (:func:`run_on_spark`).
 
 Jobs run one at a time (a lock): the DAG has one Spark stage at a time per day and one active run,
 so this costs nothing and keeps two days from sharing cached frames. The server refuses a request
@@ -48,6 +51,16 @@ from onerec_prod.config import Config
 
 log = logging.getLogger(__name__)
 SPARK_STAGES = ("update_catalog", "ingest_events", "build_sequences", "build_eval_snapshot", "build_samples")
+# the Spark reads and writes of the model tasks: name -> "module:function", called as
+# function(spark, cfg, dt, **kwargs) and returning JSON types (the same result in-process or here)
+SPARK_CALLS = {
+    "export_training_mix": "onerec_prod.train.data:export_mix_on",
+    "rl_prompt_rows": "onerec_prod.train.grpo:rl_prompt_rows_on",
+    "catalog_rows": "onerec_prod.registry.pyfunc:catalog_rows_on",
+    "eval_inputs": "onerec_prod.eval.api:eval_inputs_on",
+    "precompute_inputs": "onerec_prod.serving.precompute:precompute_inputs_on",
+    "write_think_ahead": "onerec_prod.serving.precompute:write_think_ahead_on",
+}
 ENV_URL = "ONEREC_SPARK_SERVER"  # set by `airflow up` in every task's environment
 _TOKEN_HEADER = "X-Onerec-Token"
 
@@ -104,13 +117,39 @@ class _State:
         self.jobs_run = 0
 
 
-def run_job(spark, job: str, dt: str, cfg: Config) -> dict[str, Any]:
-    """``jobs.<job>.run(spark, dt, cfg).to_dict()``: what a Spark stage returns, in-process or here."""
+def run_job(spark, job: str, dt: str | None, cfg: Config, kwargs: dict[str, Any] | None = None) -> Any:
+    """What a Spark stage or call returns, in-process or here: ``jobs.<job>.run(spark, dt,
+    cfg).to_dict()`` for a stage, the call's JSON-typed result for a :data:`SPARK_CALLS` name."""
     import importlib
 
-    if job not in SPARK_STAGES:
-        raise ValueError(f"unknown Spark job {job!r} (valid: {', '.join(SPARK_STAGES)})")
-    return importlib.import_module(f"jobs.{job}").run(spark, dt, cfg).to_dict()
+    if job in SPARK_STAGES:
+        if kwargs:
+            raise ValueError(f"Spark job {job!r} takes no arguments (got {sorted(kwargs)})")
+        return importlib.import_module(f"jobs.{job}").run(spark, dt, cfg).to_dict()
+    if job not in SPARK_CALLS:
+        raise ValueError(f"unknown Spark job {job!r} (valid: {', '.join(SPARK_STAGES + tuple(SPARK_CALLS))})")
+    module, fn = SPARK_CALLS[job].split(":")
+    result = getattr(importlib.import_module(module), fn)(spark, cfg, dt, **(kwargs or {}))
+    return json.loads(json.dumps(result, default=str))  # JSON types here as after the HTTP hop
+
+
+def run_on_spark(cfg: Config, job: str, dt: str | None, **kwargs: Any) -> Any:
+    """Run Spark job or call ``job``: on the shared local Spark server when this process was started
+    by the local Airflow with one (``$ONEREC_SPARK_SERVER``) and ``spark.shared_session`` is on, else
+    in this process's own session (same code, a JVM of its own).
+
+    A server that is down, still starting or on another Spark config is not an error: the job then
+    runs here, with a warning saying why. A job that fails raises here, either way.
+    """
+    url = os.environ.get(ENV_URL)
+    if url and cfg.spark.shared_session:
+        try:
+            return submit(url, cfg, job, dt, kwargs=kwargs)
+        except SparkServerUnavailable as e:
+            log.warning("%s dt=%s: %s; running in this process instead", job, dt, e)
+    from onerec_prod.spark import get_spark
+
+    return run_job(get_spark(cfg.spark), job, dt, cfg, kwargs)
 
 
 def _handler(state: _State):
@@ -142,7 +181,10 @@ def _handler(state: _State):
             try:
                 req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 cfg = Config.model_validate(req["config"])
-                job, dt = str(req["job"]), str(req["dt"])
+                job, dt = str(req["job"]), (None if req.get("dt") is None else str(req["dt"]))
+                kwargs = req.get("kwargs") or {}
+                if not isinstance(kwargs, dict):
+                    raise ValueError("kwargs must be an object")
             except Exception as e:  # noqa: BLE001 (a bad request is answered, not fatal)
                 return self._send(400, {"ok": False, "error": f"bad request: {e}"})
             if cfg.spark != state.cfg.spark:
@@ -156,7 +198,9 @@ def _handler(state: _State):
                 root.addHandler(capture)
                 t0 = time.time()
                 try:
-                    result = run_job(state.spark, job, dt, cfg)
+                    result = run_job(state.spark, job, dt, cfg, kwargs)
+                    if job in SPARK_STAGES:
+                        result.setdefault("extra", {})["spark_session"] = "shared"
                     body = {"ok": True, "result": result}
                 except Exception as e:  # noqa: BLE001 (the task raises it, with the traceback)
                     body = {"ok": False, "error": str(e), "error_type": type(e).__name__,
@@ -240,7 +284,8 @@ def wait_ready(url: str, timeout_s: float, alive=lambda: True) -> dict:
         time.sleep(1)
 
 
-def submit(url: str, cfg: Config, job: str, dt: str, timeout_s: float = 6 * 3600) -> dict[str, Any]:
+def submit(url: str, cfg: Config, job: str, dt: str | None, timeout_s: float = 6 * 3600,
+           kwargs: dict[str, Any] | None = None) -> Any:
     """Run ``job`` for ``dt`` on the server; returns its summary, re-logging the job's lines here.
 
     Raises:
@@ -254,7 +299,8 @@ def submit(url: str, cfg: Config, job: str, dt: str, timeout_s: float = 6 * 3600
     h = health(url)
     if not h or not h.get("ready"):
         raise SparkServerUnavailable(f"spark server at {url} is not ready: {h}")
-    body = json.dumps({"job": job, "dt": dt, "config": cfg.model_dump(mode="json")}).encode()
+    body = json.dumps({"job": job, "dt": dt, "config": cfg.model_dump(mode="json"),
+                       "kwargs": kwargs or {}}, default=str).encode()
     req = urllib.request.Request(f"{url}/run", data=body, method="POST",
                                  headers={"Content-Type": "application/json", _TOKEN_HEADER: token})
     try:

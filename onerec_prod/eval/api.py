@@ -105,6 +105,26 @@ def read_eval_inputs(spark, cfg: Config, dt: str) -> EvalInputs:
     return EvalInputs(dt, snapshot, catalog, train_sequences, versions, recent)
 
 
+def eval_inputs_on(spark, cfg: Config, dt: str) -> dict[str, Any]:
+    """:func:`read_eval_inputs` as JSON types (a ``spark_server.SPARK_CALLS`` entry)."""
+    from dataclasses import asdict
+
+    return asdict(read_eval_inputs(spark, cfg, dt))
+
+
+def load_eval_inputs(cfg: Config, dt: str, spark=None) -> EvalInputs:
+    """The eval inputs of day ``dt``: read with ``spark``, or (without one) on the shared local Spark
+    server when there is one, else in this process's own session."""
+    if spark is not None:
+        return read_eval_inputs(spark, cfg, dt)
+    from onerec_prod.spark_server import run_on_spark
+
+    d = run_on_spark(cfg, "eval_inputs", dt)
+    for r in d["catalog"]:
+        r["sid"] = tuple(r["sid"]) if r.get("sid") is not None else None
+    return EvalInputs(**d)
+
+
 # --------------------------------------------------------------------------------------
 # pure parts
 
@@ -245,6 +265,7 @@ def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, t
         sasrec_params={"epochs": ecfg.sasrec_epochs, "dim": ecfg.sasrec_dim, "max_len": ecfg.sasrec_max_len,
                        "device": dev},
         seed=ecfg.seed, mostpop_counts=inputs.recent_counts,
+        sasrec_cache=(cfg.paths.var / "cache" / "sasrec", inputs.dt) if ecfg.sasrec_warm_start else None,
     ) if (ecfg.baselines and with_baselines) else {}
     timing["baselines_s"] = time.perf_counter() - t3
     timing["total_s"] = time.perf_counter() - t0
@@ -284,17 +305,29 @@ def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, t
 
 
 def evaluate_models(cfg: Config, dt: str, candidate: str | Path, *, others: Mapping[str, str | Path] | None = None,
-                    spark=None, device: str | None = None) -> dict[str, Any]:
+                    spark=None, device: str | None = None, inputs: EvalInputs | None = None) -> dict[str, Any]:
     """The candidate's report, with every model of ``others`` (``{"champion": dir, "sft": dir}``) scored
-    on the SAME inputs, read once: ``report[f"{name}_metrics"]`` and ``report[f"{name}_per_user"]``."""
-    if spark is None:
-        from onerec_prod.spark import get_spark
+    on the SAME inputs, read once (or given as ``inputs``): ``report[f"{name}_metrics"]`` and
+    ``report[f"{name}_per_user"]``. A model whose weights hash equals an already scored model's is
+    not scored again (``report["same_weights"][name]`` says whose scores it got)."""
+    from onerec_prod.model.io import read_meta
 
-        spark = get_spark(cfg.spark)
-    inputs = read_eval_inputs(spark, cfg, dt)
+    inputs = inputs if inputs is not None else load_eval_inputs(cfg, dt, spark)
     report = evaluate_inputs(cfg, candidate, inputs, device=device)
+    scored = {report.get("model_weights_sha256"): report} if report.get("model_weights_sha256") else {}
     for name, model_dir in (others or {}).items():
-        other = evaluate_inputs(cfg, model_dir, inputs, device=device, with_baselines=False)
+        sha = read_meta(model_dir).get("weights_sha256")
+        if sha and sha in scored:
+            # the same weights give the same scores: e.g. an RL refresh with no signal left the SFT
+            # model's weights as they were; reuse them instead of scoring the model again
+            other = scored[sha]
+            report.setdefault("same_weights", {})[name] = other["model_dir"]
+            log.info("eval dt=%s: %s has the same weights (%s) as %s: its scores are reused", dt, name,
+                     sha[:12], other["model_dir"])
+        else:
+            other = evaluate_inputs(cfg, model_dir, inputs, device=device, with_baselines=False)
+            if sha:
+                scored[sha] = other
         if other["per_user"]["event_ids"] != report["per_user"]["event_ids"]:
             raise EvalInputError(f"{name} was scored on other events than the candidate (internal error)")
         report[f"{name}_metrics"] = other["metrics"]
@@ -307,9 +340,5 @@ def evaluate_models(cfg: Config, dt: str, candidate: str | Path, *, others: Mapp
 def evaluate(cfg: Config, model_dir: str | Path, dt: str, *, spark=None, think: bool | None = None,
              device: str | None = None, with_baselines: bool = True) -> dict[str, Any]:
     """The eval report of the model at ``model_dir`` on the eval snapshot of day ``dt``."""
-    if spark is None:
-        from onerec_prod.spark import get_spark
-
-        spark = get_spark(cfg.spark)
-    inputs = read_eval_inputs(spark, cfg, dt)
+    inputs = load_eval_inputs(cfg, dt, spark)
     return evaluate_inputs(cfg, model_dir, inputs, think=think, device=device, with_baselines=with_baselines)

@@ -63,11 +63,14 @@ def run_baselines(
     sasrec_params: dict[str, Any] | None = None,
     seed: int = 0,
     mostpop_counts: Mapping[str, int] | None = None,
+    sasrec_cache: tuple[Any, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train each baseline in ``names`` on ``train_sequences`` and score it on ``histories``/``targets``.
 
     ``mostpop_counts``: MostPop's events per item come from these instead (e.g. the trailing days':
     on a next-day eval recent popularity is a far stronger baseline than all-time counts).
+    ``sasrec_cache``: ``(cache_dir, dt)``: warm-start SASRec from the newest cached earlier day and
+    train it on the sequences that changed since (:func:`onerec_prod.eval.sasrec.warm_sasrec`).
 
     Raises:
         ValueError: an unknown baseline name (the message lists the valid ones).
@@ -85,12 +88,18 @@ def run_baselines(
             pop = MostPop.fit(train_sequences) if mostpop_counts is None else MostPop.from_counts(mostpop_counts)
             ranked = pop.recommend(histories, k_max)
         else:
-            from onerec_prod.eval.sasrec import SasrecParams, train_sasrec
+            from onerec_prod.eval.sasrec import SasrecParams, train_sasrec, warm_sasrec
 
             params = SasrecParams(**(sasrec_params or {}), seed=seed)
-            model = train_sasrec(train_sequences, params)
+            warm: dict[str, Any] = {}
+            if sasrec_cache is not None:
+                model, warm = warm_sasrec(train_sequences, params, *sasrec_cache)
+            else:
+                model = train_sasrec(train_sequences, params)
             ranked = model.recommend(histories, k_max)
         metrics = compute_metrics(ranked, targets, ks)
+        if name == "sasrec" and warm:
+            metrics["warm_start"] = warm
         metrics["intervals"] = summarize(per_user_gains(ranked, targets, k_max), seed=seed)
         metrics["seconds"] = round(time.perf_counter() - t0, 2)
         log.info("baseline %s: %s", name, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})

@@ -97,6 +97,25 @@ def _pad_right(rows: Sequence[Sequence[int]], device):
     return out.to(device)
 
 
+def _warm_start(net, init: Sasrec, index: dict[str, int]) -> None:
+    """Copy ``init``'s weights into ``net`` (same params); item rows are moved to ``index``'s order."""
+    import torch
+
+    old = init.net.state_dict()
+    state = net.state_dict()
+    mismatch = [k for k in state if k != "item.weight" and (k not in old or old[k].shape != state[k].shape)]
+    if mismatch:
+        raise ValueError(f"sasrec warm start: the previous model has another architecture ({mismatch[:3]})")
+    for k in state:
+        if k != "item.weight":
+            state[k] = old[k].to(state[k].device)
+    pairs = [(index[it], j) for it, j in init.index.items() if it in index]
+    if pairs:
+        dst, src = (torch.tensor(x) for x in zip(*pairs, strict=True))
+        state["item.weight"][dst] = old["item.weight"][src].to(state["item.weight"].device)
+    net.load_state_dict(state)
+
+
 class Sasrec:
     """A trained SASRec with its item index (item id <-> 1..N)."""
 
@@ -140,13 +159,15 @@ class Sasrec:
 
 def train_sasrec(sequences: Sequence[Sequence[str]], params: SasrecParams = SasrecParams(), *,
                  items: Sequence[str] | None = None, validate=None,
-                 time_budget_s: float | None = None) -> Sasrec:
+                 time_budget_s: float | None = None, init: Sasrec | None = None) -> Sasrec:
     """Train SASRec on ``sequences`` (each a user's training items, oldest first).
 
-    ``items``: the item universe to rank (default: the items of ``sequences``); every training
-    item must be in it. ``validate(model) -> float`` (higher is better) runs after each epoch:
-    the best epoch's weights are kept and training stops after ``params.patience`` epochs
-    without improvement. ``time_budget_s`` stops training after that many seconds.
+    ``items``: the item universe to rank (default: the items of ``sequences``, plus ``init``'s);
+    every training item must be in it. ``validate(model) -> float`` (higher is better) runs after
+    each epoch: the best epoch's weights are kept and training stops after ``params.patience``
+    epochs without improvement. ``time_budget_s`` stops training after that many seconds.
+    ``init``: warm start from this model (same architecture): its weights, and its item
+    embeddings for the items it knows; new items start as in a fresh model.
     """
     import copy
 
@@ -154,22 +175,28 @@ def train_sasrec(sequences: Sequence[Sequence[str]], params: SasrecParams = Sasr
     import torch.nn.functional as F
 
     seen = sorted({it for s in sequences for it in s})
-    if not seen:
+    if not seen and init is None:
         raise ValueError("train_sasrec: no training items")
-    universe = list(items) if items is not None else seen
+    universe = list(items) if items is not None else (
+        seen if init is None else sorted(set(seen) | set(init.items)))
     index = {it: i + 1 for i, it in enumerate(universe)}
     unknown = [it for it in seen if it not in index]
     if unknown:
         raise ValueError(f"train_sasrec: {len(unknown)} training items are not in items, e.g. {unknown[:3]}")
     windows = [[index[it] for it in s][-(params.max_len + 1):] for s in sequences]
     windows = [w for w in windows if len(w) >= 2]
-    if not windows:
+    if not windows and init is None:
         raise ValueError("train_sasrec: no sequence has 2 or more items")
     n = len(universe)
     dev = params.device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(params.seed)
         net = _build_net(n, params).to(dev)
+        if init is not None:
+            _warm_start(net, init, index)
+        if not windows:  # a warm start with nothing new to learn: the previous model, re-indexed
+            net.eval()
+            return Sasrec(net, universe, params)
         opt = torch.optim.AdamW(net.parameters(), lr=params.lr, betas=(0.9, 0.98), weight_decay=params.weight_decay)
         g = torch.Generator().manual_seed(params.seed)
         n_pos = sum(len(w) - 1 for w in windows)
@@ -228,3 +255,68 @@ def train_sasrec(sequences: Sequence[Sequence[str]], params: SasrecParams = Sasr
         model.best_epoch, model.best_score, model.epochs_run = best_epoch, best, epoch + 1
     net.eval()
     return model
+
+
+# --------------------------------------------------------------------------------------
+# the daily warm start: yesterday's SASRec, trained on the sequences that changed since
+
+
+def _seq_hash(seq: Sequence[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\x1f".join(seq).encode()).hexdigest()[:16]
+
+
+def _arch_key(p: SasrecParams) -> str:
+    import hashlib
+    import json
+
+    arch = {k: getattr(p, k) for k in ("dim", "max_len", "n_blocks", "n_heads", "dropout", "loss", "n_negatives")}
+    return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def warm_sasrec(sequences: Sequence[Sequence[str]], params: SasrecParams, cache_dir, dt: str,
+                keep: int = 7) -> tuple[Sasrec, dict]:
+    """SASRec for day ``dt``, warm-started from the newest cached model of a day before ``dt``.
+
+    The cache (``<cache_dir>/<architecture key>/dt=D.pt``) holds each day's weights, items and the
+    hashes of the sequences it was trained on. With a cached day ``P < dt``, only the sequences
+    that are new or changed since ``P`` (a user with new events has a new sequence) are trained
+    on, ``params.epochs`` epochs; without one, every sequence. The day's model is then cached
+    (written to a temp file, then renamed); the newest ``keep`` days are kept. A rerun of ``dt``
+    starts from the same cached day, so it gives the same model.
+
+    Returns ``(model, info)``; ``info``: ``warm_start_from`` (day or None), ``sequences_trained``.
+    """
+    import os
+    from pathlib import Path
+
+    import torch
+
+    root = Path(cache_dir) / _arch_key(params)
+    root.mkdir(parents=True, exist_ok=True)
+    hashes = [_seq_hash(s) for s in sequences]
+    before = sorted(f for f in root.glob("dt=*.pt") if f.stem[3:] < dt)
+    init, prev_day, todo = None, None, list(sequences)
+    if before:
+        try:
+            blob = torch.load(before[-1], map_location="cpu", weights_only=True)
+            init = Sasrec(_build_net(len(blob["items"]), params), list(blob["items"]), params)
+            init.net.load_state_dict(blob["state"])
+            known = set(blob["hashes"])
+            todo = [s for s, h in zip(sequences, hashes, strict=True) if h not in known]
+            prev_day = before[-1].stem[3:]
+        except (OSError, RuntimeError, KeyError, ValueError) as e:  # a bad cache file: train from scratch
+            log.warning("sasrec cache %s unreadable (%s: %s): training from scratch", before[-1], type(e).__name__, e)
+            init, todo = None, list(sequences)
+    model = train_sasrec(todo, params, init=init)
+    dst = root / f"dt={dt}.pt"
+    tmp = dst.with_suffix(f".tmp-{os.getpid()}")
+    torch.save({"state": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
+                "items": model.items, "hashes": sorted(set(hashes)), "dt": dt}, tmp)
+    os.replace(tmp, dst)
+    for old in sorted(root.glob("dt=*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+    info = {"warm_start_from": prev_day, "sequences_trained": len(todo), "sequences": len(sequences)}
+    log.info("sasrec dt=%s: %s", dt, info)
+    return model, info

@@ -175,16 +175,24 @@ def weights_dir(mlflow_model_dir: str | Path) -> Path:
 
 def read_catalog(cfg: Config, version: int | None = None, spark=None) -> list[dict[str, Any]]:
     """Catalog rows with a SID (``item_id, title, categories, sid, sid_version``) of the Delta table
-    ``catalog`` at ``version`` (default: the newest), for :func:`save_pyfunc`."""
+    ``catalog`` at ``version`` (default: the newest), for :func:`save_pyfunc`. Without ``spark``:
+    on the shared local Spark server when there is one, else in this process's own session."""
+    if spark is not None:
+        return catalog_rows_on(spark, cfg, None, version=version)
+    from onerec_prod.spark_server import run_on_spark
+
+    return run_on_spark(cfg, "catalog_rows", None, version=version)
+
+
+def catalog_rows_on(spark, cfg: Config, dt: str | None = None, *, version: int | None = None,
+                    columns: Sequence[str] = ("item_id", "title", "categories", "sid", "sid_version"),
+                    ) -> list[dict[str, Any]]:
+    """:func:`read_catalog` in ``spark``'s process (a ``spark_server.SPARK_CALLS`` entry)."""
     from onerec_prod.lake import read_table, table_path, table_version
 
-    if spark is None:
-        from onerec_prod.spark import get_spark
-
-        spark = get_spark(cfg.spark)
     path = table_path(cfg, "catalog")
     v = version if version is not None else table_version(spark, path)
     if v is None:
         raise FileNotFoundError(f"catalog table not found at {path}: run update_catalog first")
-    cols = ["item_id", "title", "categories", "sid", "sid_version"]
-    return [r.asDict() for r in read_table(spark, path, v).select(*cols).collect() if r["sid"] is not None]
+    cols = list(columns)
+    return [r.asDict() for r in read_table(spark, path, v).where("sid IS NOT NULL").select(*cols).collect()]

@@ -399,16 +399,26 @@ def _read_inputs(spark, cfg: Config, dt: str) -> tuple[dict[str, list[str]], lis
     return histories, rows, versions
 
 
-def _write_table(spark, cfg: Config, dt: str, model_version: str, sid_version: str | None,
-                 rows: Sequence[UserPrefixes]) -> int | None:
+def precompute_inputs_on(spark, cfg: Config, dt: str) -> dict[str, Any]:
+    """:func:`_read_inputs` as JSON types (a ``spark_server.SPARK_CALLS`` entry)."""
+    histories, rows, versions = _read_inputs(spark, cfg, dt)
+    return {"histories": histories, "catalog": rows, "versions": versions}
+
+
+def write_think_ahead_on(spark, cfg: Config, dt: str, *, model_version: str, data: list[list[Any]]) -> int | None:
+    """Overwrite the ``think_ahead`` partition ``(dt, model_version)`` with ``data`` (rows in the
+    table's column order) in ``spark``'s process (a ``spark_server.SPARK_CALLS`` entry)."""
     from onerec_prod.lake import overwrite_partition, table_path
     from onerec_prod.schemas import load_schema
 
-    data = [(r.user_id, r.rationale, [list(c) for c, _ in r.prefixes], [s for _, s in r.prefixes],
-             len(r.history), model_version, sid_version or "", dt) for r in rows]
-    df = spark.createDataFrame(data, load_schema("think_ahead").spark_schema())
+    df = spark.createDataFrame([tuple(r) for r in data], load_schema("think_ahead").spark_schema())
     return overwrite_partition(df, spark, table_path(cfg, "think_ahead"), "think_ahead",
                                {"dt": dt, "model_version": model_version})
+
+
+def _table_rows(dt: str, model_version: str, sid_version: str | None, rows: Sequence[UserPrefixes]) -> list[list]:
+    return [[r.user_id, r.rationale, [list(c) for c, _ in r.prefixes], [s for _, s in r.prefixes],
+             len(r.history), model_version, sid_version or "", dt] for r in rows]
 
 
 def precompute(
@@ -452,14 +462,13 @@ def precompute(
     check_dt(dt)
     check_model_version(model_version)
     scfg = cfg.serving
-    need_spark = write_table or histories is None or catalog is None
-    if need_spark and spark is None:
-        from onerec_prod.spark import get_spark
+    from onerec_prod.spark_server import run_on_spark
 
-        spark = get_spark(cfg.spark)
     read_versions: dict[str, int | None] = {}
     if histories is None or catalog is None:
-        h, c, read_versions = _read_inputs(spark, cfg, dt)
+        # with a session: read here; without: on the shared local Spark server when there is one
+        got = precompute_inputs_on(spark, cfg, dt) if spark is not None else run_on_spark(cfg, "precompute_inputs", dt)
+        h, c, read_versions = got["histories"], got["catalog"], got["versions"]
         histories = h if histories is None else histories
         catalog = c if catalog is None else catalog
     items, sid_version = select_catalog(catalog, model_sid_version(model_dir))
@@ -489,7 +498,11 @@ def precompute(
     finally:
         if own:
             backend.close()
-    table_v = _write_table(spark, cfg, dt, model_version, sid_version, rows) if write_table else None
+    table_v = None
+    if write_table:
+        kw = {"model_version": model_version, "data": _table_rows(dt, model_version, sid_version, rows)}
+        table_v = (write_think_ahead_on(spark, cfg, dt, **kw) if spark is not None
+                   else run_on_spark(cfg, "write_think_ahead", dt, **kw))
     settings = {"prefix_levels": scfg.prefix_levels, "prefix_beam": scfg.prefix_beam, "think": scfg.think,
                 "max_history": cfg.samples.max_history, "read_versions": read_versions}
     out = write_export(export_root(cfg), model_version=model_version, dt=dt, sid_version=sid_version,

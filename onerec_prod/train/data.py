@@ -60,10 +60,21 @@ def export_samples(cfg: Config, dt: str, tasks: Sequence[str], out_path: str | P
     :func:`onerec_prod.samples.mix.select_replay`), from one pinned Delta version recorded in the
     manifest as ``data_versions.samples``. The same inputs always give the same file.
     """
-    from onerec_prod.samples.export import export_training_mix
-    from onerec_prod.spark import get_spark
+    kwargs = {"out_path": str(Path(out_path).resolve()), "tasks": list(tasks), "replay": replay}
+    if spark is not None:
+        return export_mix_on(spark, cfg, dt, **kwargs)
+    from onerec_prod.spark_server import run_on_spark
 
-    export_training_mix(spark or get_spark(cfg.spark), dt, cfg, out_path, tasks=list(tasks), replay=replay)
+    # on the shared local Spark server when there is one (it writes the file), else in this process
+    return run_on_spark(cfg, "export_training_mix", dt, **kwargs)
+
+
+def export_mix_on(spark, cfg: Config, dt: str, *, out_path: str, tasks: Sequence[str],
+                  replay: bool) -> dict[str, Any]:
+    """:func:`export_samples` in ``spark``'s process (a ``spark_server.SPARK_CALLS`` entry)."""
+    from onerec_prod.samples.export import export_training_mix
+
+    export_training_mix(spark, dt, cfg, out_path, tasks=list(tasks), replay=replay)
     return read_manifest(out_path)
 
 

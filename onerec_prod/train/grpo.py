@@ -387,24 +387,31 @@ def load_rl_prompts(cfg: Config, dt: str, samples_path: str | Path | None = None
                 and r.get("dt", dt) == dt]
         versions: dict[str, Any] = {"samples_file": str(samples_path)}
     else:
-        from pyspark.sql import functions as F
+        from onerec_prod.spark_server import run_on_spark
 
-        from onerec_prod.lake import read_table, table_path, table_version
-        from onerec_prod.spark import get_spark
-
-        spark = get_spark(cfg.spark)
-        path = table_path(cfg, "samples")
-        v = table_version(spark, path)
-        if v is None:
-            raise FileNotFoundError(f"samples table not found at {path}: run build_samples for dt={dt}")
-        df = (read_table(spark, path, v).where((F.col("task") == "rl_prompt") & (F.col("dt") == dt))
-              .select("sample_id", "messages", "target_sid", "sid_version", "response"))
-        rows = [r.asDict() for r in df.collect()]
-        versions = {"samples": v}
+        # on the shared local Spark server when there is one, else in this process
+        got = run_on_spark(cfg, "rl_prompt_rows", dt)
+        rows, versions = got["rows"], {"samples": got["version"]}
     rows.sort(key=lambda r: str(r.get("sample_id")))
     prompts = [p for p in (_prompt_from_row(r) for r in rows) if p is not None]
     sid_versions = sorted({r["sid_version"] for r in rows if r.get("sid_version")})
     return prompts, sid_versions, versions
+
+
+def rl_prompt_rows_on(spark, cfg: Config, dt: str) -> dict[str, Any]:
+    """The ``rl_prompt`` rows of day ``dt`` in the newest ``samples`` version, read in ``spark``'s
+    process (a ``spark_server.SPARK_CALLS`` entry): ``{"rows": [...], "version": v}``."""
+    from pyspark.sql import functions as F
+
+    from onerec_prod.lake import read_table, table_path, table_version
+
+    path = table_path(cfg, "samples")
+    v = table_version(spark, path)
+    if v is None:
+        raise FileNotFoundError(f"samples table not found at {path}: run build_samples for dt={dt}")
+    df = (read_table(spark, path, v).where((F.col("task") == "rl_prompt") & (F.col("dt") == dt))
+          .select("sample_id", "messages", "target_sid", "sid_version", "response"))
+    return {"rows": [r.asDict() for r in df.collect()], "version": v}
 
 
 def load_catalog_sids(cfg: Config, sid_version: str | None, catalog_path: str | Path | None = None
@@ -413,15 +420,9 @@ def load_catalog_sids(cfg: Config, sid_version: str | None, catalog_path: str | 
     if catalog_path is not None:
         rows = [json.loads(line) for line in Path(catalog_path).read_text().splitlines() if line.strip()]
     else:
-        from onerec_prod.lake import read_table, table_path, table_version
-        from onerec_prod.spark import get_spark
+        from onerec_prod.registry.pyfunc import read_catalog
 
-        spark = get_spark(cfg.spark)
-        path = table_path(cfg, "catalog")
-        v = table_version(spark, path)
-        if v is None:
-            raise FileNotFoundError(f"catalog table not found at {path}: run update_catalog first")
-        rows = [r.asDict() for r in read_table(spark, path, v).select("sid", "sid_version").collect()]
+        rows = read_catalog(cfg)
     sids = {tuple(int(c) for c in r["sid"]) for r in rows if r.get("sid") is not None
             and (sid_version is None or r.get("sid_version") in (None, sid_version))}
     if not sids:

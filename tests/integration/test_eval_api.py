@@ -73,6 +73,23 @@ def test_think_mode_report_has_rationales(make_cfg, tiny_model_dir, beauty_items
     assert report["metrics"]["bertscore_f1"] is None and report["baselines"] == {}
 
 
+def test_models_with_the_same_weights_are_scored_once(make_cfg, tiny_model_dir, beauty_items, tiny_sids, tmp_path):
+    """An RL refresh without signal leaves the SFT weights as they were: evaluate_models scores those
+    weights once and gives the twin the same per-user scores, saying so in the report."""
+    import shutil
+
+    from onerec_prod.eval.api import evaluate_models
+
+    cfg = make_cfg("eval.max_users=null", "eval.bertscore_items=0", "eval.baselines=[]")
+    twin = tmp_path / "twin"
+    shutil.copytree(tiny_model_dir, twin)
+    report = evaluate_models(cfg, DT, tiny_model_dir, others={"sft": twin},
+                             inputs=make_inputs(beauty_items, tiny_sids))
+    assert report["same_weights"] == {"sft": str(tiny_model_dir)}
+    assert report["sft_metrics"] == report["metrics"] and report["n_users"] == 7
+    assert report["sft_per_user"] == {k: v for k, v in report["per_user"].items() if k != "event_ids"}
+
+
 def test_user_sample_is_stable_and_seeded():
     snap = [{"event_id": f"e{i}", "user_id": f"u{i}"} for i in range(50)]
     a = select_users(snap, 10, seed=0)

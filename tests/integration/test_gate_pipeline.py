@@ -16,6 +16,7 @@ import pytest
 
 D1, D2, D3, D4 = "2014-03-01", "2014-03-02", "2014-03-03", "2014-03-04"
 N_ITEMS, N_USERS, HIST = 40, 160, 5
+MARGIN = 0.015  # gate.paired_margin: a drop the gate tolerates on top of the noise
 CATALOG_DDL = ("item_id string, title string, categories string, description string, sid array<int>, "
                "sid_version string, first_seen_dt string, updated_dt string")
 EVENTS_DDL = ("event_id string, user_id string, item_id string, ts bigint, event_type string, seq bigint, "
@@ -67,6 +68,7 @@ def world(spark, tmp_path_factory, tiny_model_dir, beauty_items, tiny_sids):
     cfg = load_config(REPO / "configs" / "test.yaml", [
         f"paths.var_root={root}", "eval.max_users=null", "eval.bertscore_items=0", "eval.baselines=[mostpop]",
         "eval.window_days=3", "gate.floors={recall@10: 0.0, ndcg@10: 0.0}", "gate.max_regression={}",
+        f"gate.paired_margin={MARGIN}",
     ], environ={})
     items = [it["item_id"] for it in beauty_items[:N_ITEMS]]
     users = _chains(items)
@@ -140,7 +142,7 @@ def test_degraded_candidate_blocked_and_noise_level_candidate_promoted(world):
     assert drop > 0.1, drop
     paired = {c["metric"]: c for c in gate["gate"]["checks"] if c["kind"] == "paired"}
     assert set(paired) == {"recall@10", "ndcg@10"} and not paired["recall@10"]["passed"]
-    assert paired["recall@10"]["high"] < 0 and paired["recall@10"]["n"] == N_USERS
+    assert paired["recall@10"]["high"] < -MARGIN and paired["recall@10"]["n"] == N_USERS
     assert not gate["passed"] and not gate["passed_effective"]
     assert promo == {**promo, "promoted": False, "reason": "gate failed"}
     assert "recall@10:paired" in promo["failed_checks"]
@@ -166,5 +168,7 @@ def test_degraded_candidate_blocked_and_noise_level_candidate_promoted(world):
     won, lost = sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b))
     assert won > 0 and lost > 0, (won, lost)  # really another model: hits moved both ways
     paired = {c["metric"]: c for c in gate["gate"]["checks"] if c["kind"] == "paired"}
-    assert all(c["passed"] and c["low"] <= 0 <= c["high"] for c in paired.values()), paired
+    # within the noise plus the tolerated margin (another seed of the same recipe can land a little
+    # below the champion on one machine and a little above it on another)
+    assert all(c["passed"] and c["low"] <= 0 and c["high"] >= -MARGIN for c in paired.values()), paired
     assert gate["passed"] and promo["promoted"] and aliases(cfg)[CHAMPION] == gate["version"] != champion_version

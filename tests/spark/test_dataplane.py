@@ -348,7 +348,22 @@ def test_shared_spark_server_writes_the_same_tables(lakes, spark, beauty_slice, 
         other = load_config(REPO / "configs" / "test.yaml", [*sets, "spark.shuffle_partitions=3"], environ={})
         with pytest.raises(spark_server.SparkServerUnavailable, match="spark config differs"):
             spark_server.submit(url, other, "ingest_events", DAYS[1])
-        assert spark_server.health(url)["jobs_run"] == 4 * len(DAYS) + 2
+        # a model task's Spark read (SPARK_CALLS): the same JSON on the server as in-process
+        os.environ[spark_server.ENV_URL] = url
+        try:
+            remote = spark_server.run_on_spark(cfg, "eval_inputs", DAYS[2])
+        finally:
+            del os.environ[spark_server.ENV_URL]
+        local = spark_server.run_job(spark, "eval_inputs", DAYS[2], cfg)
+        assert remote == local
+        from onerec_prod.lake import table_path
+
+        want_events = (spark.read.format("delta").load(table_path(cfg, "eval_snapshot"))
+                       .where(f"dt = '{DAYS[2]}'").count())  # eval.window_days=1
+        assert len(remote["snapshot"]) == want_events > 0
+        with pytest.raises(ValueError, match="unknown Spark job .not_a_call."):
+            spark_server.submit(url, cfg, "not_a_call", DAYS[2])
+        assert spark_server.health(url)["jobs_run"] == 4 * len(DAYS) + 4
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
