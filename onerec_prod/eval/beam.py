@@ -3,11 +3,17 @@
 :func:`beam_search_sids` is the decoder of eval, RL rollouts and Think-Ahead serving:
 
 * batched over users: prompts are left padded, with an attention mask and explicit position ids;
-* the prompt (plus ``<|sid_begin|>`` and any start prefix) runs once; its KV cache is then
-  re-indexed to the beams (``Cache.reorder_cache``), so each SID level costs one one-token step;
+* the prompt (plus ``<|sid_begin|>``) runs once per user, and its KV cache is never copied to
+  the beams (start prefixes are fed as one block of their tokens): the beams of a user are decoded as a token tree over that one cache
+  row. Each level appends one block of ``beams`` tokens to the user's row, with a 4D attention
+  mask that lets every new token see the prompt and its own beam's earlier tokens only
+  (:class:`_TreeBeams`). A level then costs one forward of ``users x beams`` tokens and no cache
+  traffic, whatever the prompt length. Attention kernels without custom masks (flash, flex) fall
+  back to one cache row per beam, re-indexed per level (:class:`_ExpandedBeams`);
 * constraints are tensors, not callbacks: at level ``l`` the scores of the ``sizes[l]`` level
-  tokens are read from ``log_softmax`` over the full vocabulary, ``-inf`` is put where the
-  trie's ``next_node[l]`` row is ``-1``, and one ``topk`` over ``beams x codes`` picks the beams;
+  tokens are read from the log-softmax over the full vocabulary (``logits - logsumexp``), ``-inf``
+  is put where the trie's ``next_node[l]`` row is ``-1``, and one ``topk`` over
+  ``beams x codes`` picks the beams;
 * scores are sums of log-probabilities (no length normalisation: every SID has the same length).
 
 Results hold distinct SIDs (or prefixes, with ``levels``), best first; when fewer valid
@@ -136,6 +142,84 @@ def _valid_prefixes(trie: SidTrie, per_user) -> list[tuple[Sid, float, int]]:
     return [(c, s, trie.node_of(c)) for c, s in best.items()]
 
 
+class _TreeBeams:
+    """Beams of a batch of users decoded as a token tree over ONE prompt cache per user.
+
+    The KV cache keeps one row per user: the prompt, then every token fed for any of the user's
+    beams, appended block after block (never copied, never re-indexed). A 4D attention mask tells
+    each new token which cache columns it sees: its user's prompt (not the left padding) and its
+    own beam's earlier tokens. ``seen`` (users, beams, columns) holds that row per live beam.
+    """
+
+    def __init__(self, model, cache, attn):
+        import torch
+
+        self.model, self.cache = model, cache
+        self.seen = attn.bool()[:, None, :]  # (b, 1, L): the prompt before any beam split
+        self.bool_mask = getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
+        self.dtype = next(model.parameters()).dtype
+        self._torch = torch
+
+    def select(self, src):
+        """Keep, for new beam ``j`` of user ``i``, the history of old beam ``src[i, j]``."""
+        self.seen = self.seen.gather(1, src[..., None].expand(-1, -1, self.seen.shape[2]))
+
+    def feed(self, toks, start):
+        """Feed ``toks`` (b, w, d): ``d`` tokens per beam at positions ``start + 0..d-1``; logits of each beam's last token."""
+        torch = self._torch
+        b, w, d = toks.shape
+        dev = toks.device
+        cols = self.seen.shape[2]
+        # token r of beam i sees token c of beam j iff i == j and c <= r
+        own = (torch.eye(w, dtype=torch.bool, device=dev)[:, None, :, None]
+               & torch.ones(d, d, dtype=torch.bool, device=dev).tril()[None, :, None, :]).reshape(w * d, w * d)
+        q_seen = self.seen[:, :, None, :].expand(b, w, d, cols).reshape(b, w * d, cols)
+        mask = torch.cat([q_seen, own[None].expand(b, -1, -1)], 2)[:, None]  # (b, 1, w*d, cols + w*d)
+        if not self.bool_mask:  # eager attention adds the mask to the scores
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=dev).masked_fill(
+                ~mask, torch.finfo(self.dtype).min)
+        pos = start[:, None] + torch.arange(d, device=dev).repeat(w)[None, :]
+        last = torch.arange(w, device=dev) * d + (d - 1)
+        res = self.model(input_ids=toks.reshape(b, w * d), attention_mask=mask, position_ids=pos,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=last)
+        self.cache = res.past_key_values
+        self.seen = torch.cat([self.seen, own[last][None].expand(b, -1, -1)], 2)  # each beam: + its own tokens
+        return res.logits  # (b, w, vocab)
+
+
+class _ExpandedBeams:
+    """Fallback for attention kernels without custom masks: one cache row per beam (re-indexed per level)."""
+
+    def __init__(self, model, cache, attn):
+        import torch
+
+        self.model, self.cache, self.attn, self.width = model, cache, attn, 1
+        self._torch = torch
+
+    def select(self, src):
+        torch = self._torch
+        b, w = src.shape
+        flat = (torch.arange(b, device=src.device)[:, None] * self.width + src).view(-1)
+        self.cache.reorder_cache(flat)
+        self.attn, self.width = self.attn[flat], w
+
+    def feed(self, toks, start):
+        torch = self._torch
+        b, w, d = toks.shape
+        self.attn = torch.cat([self.attn, torch.ones((b * w, d), dtype=self.attn.dtype, device=toks.device)], 1)
+        pos = start.repeat_interleave(w)[:, None] + torch.arange(d, device=toks.device)[None, :]
+        res = self.model(input_ids=toks.reshape(b * w, d), attention_mask=self.attn, position_ids=pos,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache = res.past_key_values
+        return res.logits[:, -1, :].view(b, w, -1)
+
+
+def _beams_for(model, cache, attn):
+    """Token-tree decoding where the attention takes a custom 4D mask (sdpa, eager); expanded rows otherwise."""
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    return (_TreeBeams if impl in (None, "sdpa", "eager") else _ExpandedBeams)(model, cache, attn)
+
+
 def _search_batch(model, prompts, trie: SidTrie, vocab: SidVocab, beam_size: int, stop: int, prefixes):
     import torch
 
@@ -145,7 +229,8 @@ def _search_batch(model, prompts, trie: SidTrie, vocab: SidVocab, beam_size: int
     b = len(prompts)
     ids, attn, pos = _left_pad([list(p) + [vocab.begin_id] for p in prompts], vocab.begin_id, dev)
     res = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache, logits = res.past_key_values, res.logits[:, -1, :]
+    beams = _beams_for(model, res.past_key_values, attn)
+    logits = res.logits[:, -1:, :]  # (b, width, vocab)
     next_pos = attn.sum(1)
     depth = 0
     scores = torch.zeros((b, 1), device=dev)
@@ -164,37 +249,26 @@ def _search_batch(model, prompts, trie: SidTrie, vocab: SidVocab, beam_size: int
                 scores[i, j], node[i, j] = s, nd
                 codes[i, j] = torch.tensor(c, dtype=torch.long)
         if depth and depth < stop:
-            idx = torch.arange(b, device=dev).repeat_interleave(width)
-            cache.reorder_cache(idx)
-            attn, next_pos = attn[idx], next_pos[idx]
-            toks = torch.stack([level_ids[lvl][codes.view(-1, depth)[:, lvl]] for lvl in range(depth)], 1)
-            attn = torch.cat([attn, torch.ones_like(toks)], 1)
-            pos = next_pos[:, None] + torch.arange(depth, device=dev)[None, :]
-            res = model(input_ids=toks, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1)
-            logits, next_pos = res.logits[:, -1, :], next_pos + depth
+            beams.select(torch.zeros((b, width), dtype=torch.long, device=dev))
+            toks = torch.stack([level_ids[lvl][codes[..., lvl]] for lvl in range(depth)], 2)  # (b, width, depth)
+            logits, next_pos = beams.feed(toks, next_pos), next_pos + depth
 
     for lvl in range(depth, stop):
         width = scores.shape[1]
         size = trie.sizes[lvl]
-        logp = torch.log_softmax(logits.float(), dim=-1).index_select(1, level_ids[lvl])  # (b*w, size)
-        child = tables[lvl].index_select(0, node.view(-1)).long()  # (b*w, size), -1 = not in catalog
+        flat = logits.reshape(b * width, -1).float()
+        logp = flat.index_select(1, level_ids[lvl]) - flat.logsumexp(1, keepdim=True)  # (b*w, size), full softmax
+        child = tables[lvl].index_select(0, node.view(-1))  # (b*w, size), -1 = not in catalog
         cand = (scores.view(-1, 1) + logp).masked_fill(child < 0, float("-inf")).view(b, width * size)
         top_s, top_i = cand.topk(min(beam_size, width * size), dim=1)
         src = torch.div(top_i, size, rounding_mode="floor")
         code = top_i % size
-        node = child.view(b, width * size).gather(1, top_i).clamp(min=0)  # dead beams: any node
+        node = child.view(b, width * size).gather(1, top_i).long().clamp(min=0)  # dead beams: any node
         codes = torch.cat([codes.gather(1, src[..., None].expand(-1, -1, codes.shape[2])), code[..., None]], 2)
         scores = top_s
         if lvl < stop - 1:
-            flat = (torch.arange(b, device=dev)[:, None] * width + src).view(-1)
-            cache.reorder_cache(flat)
-            attn, next_pos = attn[flat], next_pos[flat]
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
-            tok = level_ids[lvl][code.view(-1)][:, None]
-            res = model(input_ids=tok, attention_mask=attn, position_ids=next_pos[:, None],
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
-            logits, next_pos = res.logits[:, -1, :], next_pos + 1
+            beams.select(src)
+            logits, next_pos = beams.feed(level_ids[lvl][code][..., None], next_pos), next_pos + 1
 
     out = []
     s_cpu, c_cpu = scores.cpu(), codes.cpu()

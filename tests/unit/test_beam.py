@@ -177,3 +177,34 @@ def test_generate_rationales_stops_and_is_seeded(lm, catalog):
     state = torch.random.get_rng_state()
     generate_rationales(model, tok, ids, max_new_tokens=3, do_sample=True, seed=1)
     assert torch.equal(state, torch.random.get_rng_state())  # global RNG untouched
+
+
+@pytest.mark.parametrize("path", ["eager", "expanded"])
+def test_token_tree_equals_other_decoding_paths(lm, catalog, prompts, monkeypatch, path):
+    """The token-tree decoder (one prompt cache per user, a 4D mask per beam) gives the results of
+    eager attention (additive float mask) and of the fallback with one cache row per beam."""
+    import onerec_prod.eval.beam as beam_mod
+
+    model, _, vocab = lm
+    _, trie = catalog
+
+    def run():
+        full = beam_search_sids(model, prompts, trie, vocab, beam_size=12, batch_size=3)
+        pre = beam_search_sids(model, prompts, trie, vocab, beam_size=6, levels=2, batch_size=2)
+        return full, pre, beam_search_sids(model, prompts, trie, vocab, beam_size=12, start_prefixes=pre)
+
+    ref = run()
+    if path == "expanded":
+        monkeypatch.setattr(beam_mod, "_beams_for", lambda m, c, a: beam_mod._ExpandedBeams(m, c, a))
+        got = run()
+    else:
+        model.set_attn_implementation("eager")
+        try:
+            assert not beam_mod._beams_for(model, None, torch.ones(1, 1)).bool_mask  # additive float mask
+            got = run()
+        finally:
+            model.set_attn_implementation("sdpa")
+    for want_runs, got_runs in zip(ref, got, strict=True):
+        for a, b in zip(want_runs, got_runs, strict=True):
+            assert [s for s, _ in a] == [s for s, _ in b]
+            assert max(abs(x - y) for (_, x), (_, y) in zip(a, b, strict=True)) < 1e-4
