@@ -1,26 +1,33 @@
-"""Think-Ahead serving vs full constrained generation: latency and throughput over loopback HTTP.
+"""Think-Ahead serving vs full constrained generation vs online reasoning, over loopback HTTP.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/serving.py [--requests 200] [--users 32] [--concurrency 4]
-        [--config configs/local.yaml] [--items 2000] [--model DIR] [--set serving.prefix_beam=10 ...]
+        [--config configs/local.yaml] [--items 2000] [--model DIR] [--think-tokens 32] [--fit-epochs 0]
+        [--threads N] [--set serving.prefix_beam=10 ...]
 
 One process, one model dir, the same users. Builds the embedded model of ``--config`` (default the
 local shape: 4 layers x 256, SID 3x256+256; or takes ``--model DIR``), gives the first ``--items``
-Beauty items distinct random SIDs, draws ``--users`` histories of 5..20 items, and runs the real
-precompute (export only) for model version ``bench``. Then two services run side by side on
-127.0.0.1 (free ports), both on that model dir:
+Beauty items distinct random SIDs, draws ``--users`` histories of 5..20 items and one held-out next
+item per user (not in the history), and runs the real precompute (export only) for model version
+``bench``. ``--fit-epochs N`` first fits the model N epochs on those users' history -> next item
+streams (:func:`onerec_prod.train.stream_fit.fit_stream`, loss on the next item only; epochs, not
+seconds, so a loaded machine fits the same model), so that the hit rates below are not all chance. Then two services run side by side on 127.0.0.1 (free ports),
+both on that model dir, with ``serving.online_reasoning=true``:
 
 * ``prefix``: version ``bench``: every user has a row, so requests complete the remaining levels
   under the precomputed prefixes (the Think-Ahead path);
 * ``full``: version ``bench-full``: no export of its own, so the same users' rows are stale and
-  every request runs full constrained generation from the same history (the fallback path).
+  every request runs full constrained generation from the same history (the fallback path);
+* ``think``: the ``bench`` service again, requests with ``"mode": "think"``: online reasoning, a
+  greedy rationale of up to ``--think-tokens`` tokens (``serving.max_think_tokens``) after the
+  reasoning chat prompt, then the constrained SID beam on it (the cost Think-Ahead moves offline).
 
-Measured from the client, HTTP included: sequential latency (p50/p99, the two paths interleaved
-request by request so background load hits both alike) and requests/s with ``--concurrency``
-client threads (alternating rounds). Bounded: ``--requests`` per path per phase, then both servers
-stop. Prints a table and one JSON line with the ratios (full / prefix latency, prefix / full
-throughput). The service's fallback writes no rationale; ``--think-tokens N`` also times, in process,
-what an online reasoning model would pay per request (rationale of N tokens, then the SID beam),
-which is the cost Think-Ahead moves offline.
+Measured from the client, HTTP included: sequential latency (p50/p99, the three paths interleaved
+request by request so background load hits them alike) and requests/s of ``prefix`` and ``full``
+with ``--concurrency`` client threads (alternating rounds). Bounded: ``--requests`` per path per
+phase, then both servers stop. Agreement, on the same users: hit@10 of each path against the
+held-out next items, top-10 overlap (|A & B| / 10) and identical lists between ``prefix`` and
+``full``. Prints a table and one JSON line with the ratios (p99 think / prefix, full / prefix
+latency, prefix / full throughput) and the agreement.
 
 ``--backends hf,vllm`` compares the generation backends instead, same model, same users: for each
 backend (``serving.backend``; ``vllm`` starts an engine server from ``.venv-vllm``), the real
@@ -46,6 +53,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench._common import add_threads_arg, start  # noqa: E402
+
 log = logging.getLogger("bench.serving")
 
 
@@ -55,14 +64,14 @@ def percentile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, int(round(q / 100 * len(s) + 0.5)) - 1))]
 
 
-def build_setup(args, work: Path):
-    """Config, model dir, catalog rows (with SIDs) and histories."""
+def build_setup(args, work: Path, overrides: tuple[str, ...] = ()):
+    """Config (``overrides`` before ``--set``), model dir, catalog rows (with SIDs) and histories."""
     from onerec_prod.config import load_config
     from onerec_prod.sid.tokens import level_sizes
     from onerec_prod.util import read_meta
 
-    cfg = load_config(args.config, [f"paths.var_root={work}", "serving.reload_interval_s=3600", *args.set],
-                      environ={})
+    cfg = load_config(args.config, [f"paths.var_root={work}", "serving.reload_interval_s=3600", *overrides,
+                                    *args.set], environ={})
     items = []
     with open(cfg.paths.dataset / "p5" / "items_p5_ids.jsonl") as f:
         for line in f:
@@ -96,29 +105,87 @@ def build_setup(args, work: Path):
     return cfg, model_dir, items, histories
 
 
-def run_sequential(urls: dict[str, str], users: list[str], n: int) -> dict[str, dict]:
+def next_items(histories: dict[str, list[str]], items, seed: int) -> dict[str, str]:
+    """One held-out next item per user, not in the user's history (its own RNG: histories unchanged)."""
+    rng = random.Random(seed + 1)
+    ids = [it["item_id"] for it in items]
+    out = {}
+    for u in sorted(histories):
+        seen = set(histories[u])
+        while (nxt := rng.choice(ids)) in seen:
+            pass
+        out[u] = nxt
+    return out
+
+
+def fit_next_items(cfg, model_dir: Path, items, histories, nexts, epochs: int, out_dir: Path) -> Path:
+    """The model fitted ``epochs`` on each user's stream ``history -> next item`` (loss on the next item)."""
+    from onerec_prod.model.io import load_model, load_tokenizer, save_model
+    from onerec_prod.samples.stream import stream_ids, stream_labels
+    from onerec_prod.sid.tokens import SidVocab, level_sizes
+    from onerec_prod.train.stream_fit import FitCfg, fit_stream
+    from onerec_prod.util import read_meta
+
+    tok, model = load_tokenizer(model_dir), load_model(model_dir)
+    vocab = SidVocab.from_tokenizer(tok, level_sizes(cfg.sid))
+    sid = {it["item_id"]: it["sid"] for it in items}
+    rows = []
+    for u, h in histories.items():
+        tail = h[-cfg.samples.max_history:] if cfg.samples.max_history > 0 else []
+        ids = stream_ids(vocab, [sid[i] for i in [*tail, nexts[u]]])
+        rows.append((ids, stream_labels(ids, vocab.begin_id, len(tail))))
+    res = fit_stream(model, rows, vocab.begin_id, FitCfg(batch_size=32, max_epochs=epochs, warmup_steps=20,
+                                                         log_every_s=30.0))
+    log.info("fitted the model on %d next items: %d epochs, %.1fs, last loss %.3f", len(rows), res.epochs,
+             res.seconds, res.history[-1]["loss"])
+    save_model(model, tok, out_dir, {**read_meta(model_dir), "stage": "bench-fit", "parent": str(model_dir)})
+    return out_dir
+
+
+def run_sequential(targets: dict[str, tuple[str, dict]], users: list[str], n: int) -> dict[str, dict]:
+    """``n`` requests per target ``name -> (url, extra body)``, interleaved request by request.
+
+    Per target: client latency p50/p99/mean, the server's p50, the paths served, and the items of
+    the first answer per user (the service is deterministic: every answer for a user is the same).
+    """
     import httpx
 
-    lat: dict[str, list[float]] = {p: [] for p in urls}
-    server: dict[str, list[float]] = {p: [] for p in urls}
-    paths: dict[str, set] = {p: set() for p in urls}
-    clients = {p: httpx.Client(base_url=u, timeout=60) for p, u in urls.items()}
+    lat: dict[str, list[float]] = {p: [] for p in targets}
+    server: dict[str, list[float]] = {p: [] for p in targets}
+    paths: dict[str, set] = {p: set() for p in targets}
+    answers: dict[str, dict[str, list[str]]] = {p: {} for p in targets}
+    clients = {p: httpx.Client(base_url=u, timeout=600) for p, (u, _) in targets.items()}
     try:
         for i in range(n):
+            user = users[i % len(users)]
             for p, c in clients.items():
                 t = time.perf_counter()
-                r = c.post("/recommend", json={"user_id": users[i % len(users)]})
+                r = c.post("/recommend", json={"user_id": user, **targets[p][1]})
                 lat[p].append(time.perf_counter() - t)
                 r.raise_for_status()
                 body = r.json()
                 server[p].append(body["latency_ms"] / 1000)
                 paths[p].add(body["path"])
+                answers[p].setdefault(user, [it["item_id"] for it in body["items"]])
     finally:
         for c in clients.values():
             c.close()
     return {p: {"p50_ms": 1000 * percentile(lat[p], 50), "p99_ms": 1000 * percentile(lat[p], 99),
                 "mean_ms": 1000 * statistics.fmean(lat[p]), "server_p50_ms": 1000 * percentile(server[p], 50),
-                "paths_seen": sorted(paths[p])} for p in urls}
+                "paths_seen": sorted(paths[p]), "answers": answers[p]} for p in targets}
+
+
+def agreement(answers: dict[str, dict[str, list[str]]], nexts: dict[str, str], k: int) -> dict:
+    """hit@k per path against the held-out next items; top-k overlap and identical lists, prefix vs full."""
+    users = sorted(set.intersection(*(set(a) for a in answers.values())))
+    out: dict = {"users": len(users), "k": k}
+    for p, a in answers.items():
+        out[f"hit@{k}_{p}"] = sum(nexts[u] in a[u][:k] for u in users) / len(users)
+    pre, full = answers["prefix"], answers["full"]
+    out[f"overlap@{k}_prefix_full"] = statistics.fmean(len(set(pre[u][:k]) & set(full[u][:k])) / k for u in users)
+    out["identical_lists_prefix_full"] = sum(pre[u][:k] == full[u][:k] for u in users) / len(users)
+    out["same_hit_prefix_full"] = sum((nexts[u] in pre[u][:k]) == (nexts[u] in full[u][:k]) for u in users) / len(users)
+    return out
 
 
 def run_throughput(url: str, users: list[str], n: int, concurrency: int) -> float:
@@ -149,31 +216,6 @@ def run_throughput(url: str, users: list[str], n: int, concurrency: int) -> floa
     if failures:
         raise RuntimeError(f"{len(failures)} failed requests, e.g. {failures[0]}")
     return n / wall
-
-
-def measure_think(cfg, model_dir: Path, items, histories, users, args) -> dict:
-    """In process: full generation with an online rationale (what Think-Ahead moves offline)."""
-    from onerec_prod.eval.beam import beam_search_sids, generate_rationales
-    from onerec_prod.model.io import load_model, load_tokenizer
-    from onerec_prod.samples.prompts import inference_prompt_ids, rec_messages
-    from onerec_prod.sid.tokens import SidVocab, level_sizes
-    from onerec_prod.sid.trie import SidTrie
-
-    by_id = {it["item_id"]: it for it in items}
-    tok, model = load_tokenizer(model_dir), load_model(model_dir)
-    sizes = level_sizes(cfg.sid)
-    trie, vocab = SidTrie.from_sids([it["sid"] for it in items], sizes), SidVocab.from_tokenizer(tok, sizes)
-    lat = []
-    for i in range(min(args.requests, 50)):
-        msgs = rec_messages([by_id[x] for x in histories[users[i % len(users)]]], think=True,
-                            max_items=cfg.samples.max_history)
-        t = time.perf_counter()
-        r = generate_rationales(model, tok, [inference_prompt_ids(tok, msgs, think=True)], args.think_tokens)
-        prompt = inference_prompt_ids(tok, msgs, think=True, rationale=r[0])
-        beam_search_sids(model, [prompt], trie, vocab, cfg.serving.top_n)
-        lat.append(time.perf_counter() - t)
-    return {"p50_ms": 1000 * percentile(lat, 50), "p99_ms": 1000 * percentile(lat, 99), "n": len(lat),
-            "max_think_tokens": args.think_tokens}
 
 
 def wait_ready(url: str, version: str, timeout: float = 300) -> None:
@@ -228,8 +270,9 @@ def compare_backends(args, work: Path, backends: list[str]) -> int:
             urls = {b: stack.enter_context(background_server(apps[b])) for b in backends}
             for b, url in urls.items():
                 wait_ready(url, "bench", timeout=cfgs[b].serving.vllm.startup_timeout_s)
-            run_sequential(urls, users, args.warmup)
-            seq = run_sequential(urls, users, args.requests)
+            targets = {b: (url, {}) for b, url in urls.items()}
+            run_sequential(targets, users, args.warmup)
+            seq = run_sequential(targets, users, args.requests)
             rounds, per_round = 4, max(1, args.requests // 4)
             wall = {b: 0.0 for b in urls}
             for _ in range(rounds):
@@ -251,7 +294,8 @@ def compare_backends(args, work: Path, backends: list[str]) -> int:
         "prefix_levels": s.prefix_levels, "prefix_beam": s.prefix_beam, "top_n": s.top_n, "items": len(items),
         "users": len(users), "requests": args.requests, "concurrency": args.concurrency,
         **{b: {"startup_s": round(startup[b], 2), "precompute_users_per_s": round(pre[b], 2),
-               **{k: round(v, 2) for k, v in seq[b].items() if k != "paths_seen"}, "rps": round(rps[b], 2)}
+               **{k: round(v, 2) for k, v in seq[b].items() if k not in ("paths_seen", "answers")},
+               "rps": round(rps[b], 2)}
            for b in backends},
     }
     for b in backends[1:]:
@@ -280,12 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--think-tokens", type=int, default=32,
-                   help="Also time full generation with an online rationale of N tokens, in process (0 = skip).")
+                   help="Rationale budget of the online reasoning path (serving.max_think_tokens).")
+    p.add_argument("--fit-epochs", type=int, default=0,
+                   help="Fit the model N epochs on the users' history -> next item first (0: as built).")
     p.add_argument("--work", default=None, help="Work dir (default: a temp dir, removed at the end).")
+    add_threads_arg(p)
     p.add_argument("--backends", default=None,
                    help="Compare generation backends instead, e.g. hf,vllm (ratios against the first).")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start(args)
     for noisy in ("httpx", "onerec_prod.eval.beam"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -300,7 +347,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         work = Path(args.work or tmp)
-        cfg, model_dir, items, histories = build_setup(args, work)
+        cfg, model_dir, items, histories = build_setup(args, work, (
+            "serving.online_reasoning=true", f"serving.max_think_tokens={args.think_tokens}",
+            "serving.request_timeout_s=300"))
+        nexts = next_items(histories, items, args.seed)
+        if args.fit_epochs > 0:
+            model_dir = fit_next_items(cfg, model_dir, items, histories, nexts, args.fit_epochs, work / "model-fit")
         t = time.perf_counter()
         res = precompute(cfg, "2014-01-01", model_dir, "bench", histories=histories, catalog=items, write_table=False)
         pre_s = time.perf_counter() - t
@@ -311,8 +363,10 @@ def main(argv: list[str] | None = None) -> int:
             urls = {"prefix": u_prefix, "full": u_full}
             for name, url in urls.items():
                 wait_ready(url, apps[name][1])
-            run_sequential(urls, users, args.warmup)
-            seq = run_sequential(urls, users, args.requests)
+            # (c) runs on the prefix service: same model in memory, same users, the request asks for it
+            targets = {"prefix": (u_prefix, {}), "full": (u_full, {}), "think": (u_prefix, {"mode": "think"})}
+            run_sequential(targets, users, args.warmup)
+            seq = run_sequential(targets, users, args.requests)
             # throughput in alternating rounds, so load from other processes hits both paths alike
             rounds, per_round = 4, max(1, args.requests // 4)
             wall = {name: 0.0 for name in urls}
@@ -320,39 +374,44 @@ def main(argv: list[str] | None = None) -> int:
                 for name, url in urls.items():
                     wall[name] += per_round / run_throughput(url, users, per_round, args.concurrency)
             rps = {name: rounds * per_round / wall[name] for name in urls}
-            think = measure_think(cfg, model_dir, items, histories, users, args) if args.think_tokens else None
-        if seq["prefix"]["paths_seen"] != ["prefix"] or seq["full"]["paths_seen"] != ["fallback"]:
-            raise RuntimeError(f"unexpected paths: {seq}")
+        expected = {"prefix": ["prefix"], "full": ["fallback"], "think": ["think"]}
+        if any(seq[p]["paths_seen"] != want for p, want in expected.items()):
+            raise RuntimeError(f"unexpected paths: { {p: seq[p]['paths_seen'] for p in seq} }")
 
     s = cfg.serving
+    agree = agreement({p: seq[p]["answers"] for p in seq}, nexts, s.top_n)
+    lat = {p: {k: round(v, 2) for k, v in seq[p].items() if k not in ("paths_seen", "answers")} for p in seq}
     summary = {
         "bench": "serving", "device": "cpu", "torch_threads": torch.get_num_threads(),
         "model": str(args.model or f"embedded {cfg.model.num_layers}x{cfg.model.hidden_size}"),
-        "sid_sizes": [cfg.sid.codebook_size] * cfg.sid.levels + [cfg.sid.collision_size],
+        "fit_epochs": args.fit_epochs, "sid_sizes": [cfg.sid.codebook_size] * cfg.sid.levels + [cfg.sid.collision_size],
         "prefix_levels": s.prefix_levels, "prefix_beam": s.prefix_beam, "top_n": s.top_n,
+        "max_think_tokens": s.max_think_tokens,
         "items": len(items), "users": len(users), "requests_per_path": args.requests,
         "concurrency": args.concurrency, "precompute_s": round(pre_s, 2), "precompute_users": res["users"],
-        "prefix": {**{k: round(v, 2) for k, v in seq["prefix"].items() if k != "paths_seen"},
-                   "rps": round(rps["prefix"], 2)},
-        "full": {**{k: round(v, 2) for k, v in seq["full"].items() if k != "paths_seen"},
-                 "rps": round(rps["full"], 2)},
+        "prefix": {**lat["prefix"], "rps": round(rps["prefix"], 2)},
+        "full": {**lat["full"], "rps": round(rps["full"], 2)},
+        "think": lat["think"],
+        "ratio_p99_think_over_prefix": round(seq["think"]["p99_ms"] / seq["prefix"]["p99_ms"], 2),
+        "ratio_p50_think_over_prefix": round(seq["think"]["p50_ms"] / seq["prefix"]["p50_ms"], 2),
         "ratio_p50_full_over_prefix": round(seq["full"]["p50_ms"] / seq["prefix"]["p50_ms"], 2),
         "ratio_p99_full_over_prefix": round(seq["full"]["p99_ms"] / seq["prefix"]["p99_ms"], 2),
         "ratio_rps_prefix_over_full": round(rps["prefix"] / rps["full"], 2),
+        "agreement": {k: round(v, 4) if isinstance(v, float) else v for k, v in agree.items()},
     }
-    if think is not None:
-        summary["full_think_in_process"] = {k: round(v, 2) for k, v in think.items()}
-        summary["ratio_p50_full_think_over_prefix_server"] = round(think["p50_ms"] / seq["prefix"]["server_p50_ms"], 2)
-    print(f"{'path':8s} {'p50 ms':>8s} {'p99 ms':>8s} {'server p50':>11s} {'req/s':>8s}")
-    for name in ("prefix", "full"):
+    print(f"{'path':8s} {'p50 ms':>8s} {'p99 ms':>8s} {'server p50':>11s} {'req/s':>8s} {'hit@' + str(s.top_n):>7s}")
+    for name in ("prefix", "full", "think"):
         r = summary[name]
-        print(f"{name:8s} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['server_p50_ms']:11.2f} {r['rps']:8.2f}")
+        rps_txt = f"{r['rps']:8.2f}" if "rps" in r else f"{'-':>8s}"
+        print(f"{name:8s} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['server_p50_ms']:11.2f} {rps_txt} "
+              f"{agree[f'hit@{s.top_n}_{name}']:7.3f}")
+    print(f"think/prefix latency: p99 x{summary['ratio_p99_think_over_prefix']}, "
+          f"p50 x{summary['ratio_p50_think_over_prefix']} ({s.max_think_tokens}-token rationale budget)")
     print(f"full/prefix latency: p50 x{summary['ratio_p50_full_over_prefix']}, "
           f"p99 x{summary['ratio_p99_full_over_prefix']}; prefix/full req/s x{summary['ratio_rps_prefix_over_full']}")
-    if think is not None:
-        print(f"full generation with a {args.think_tokens}-token online rationale (in process): "
-              f"p50 {think['p50_ms']:.2f} ms, p99 {think['p99_ms']:.2f} ms "
-              f"(x{summary['ratio_p50_full_think_over_prefix_server']} the prefix path's server p50)")
+    print(f"prefix vs full on {agree['users']} users: hit@{s.top_n} {agree[f'hit@{s.top_n}_prefix']:.3f} vs "
+          f"{agree[f'hit@{s.top_n}_full']:.3f}, top-{s.top_n} overlap {agree[f'overlap@{s.top_n}_prefix_full']:.3f}, "
+          f"identical lists {agree['identical_lists_prefix_full']:.3f}")
     print(json.dumps(summary, sort_keys=True))
     return 0
 

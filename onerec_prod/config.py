@@ -498,6 +498,12 @@ class ServingCfg(_Group):
     )
     think: bool = Field(False, description="Precompute a rationale first; prefixes condition on it.")
     max_think_tokens: int = Field(32, ge=1, description="Max rationale tokens in think mode.")
+    online_reasoning: bool = Field(
+        False,
+        description="Accept `mode: think` on /recommend: the model writes a rationale online (up to "
+        "max_think_tokens greedy decode steps), then the SID beam runs on it. Off: such requests get 403; "
+        "the precomputed (Think-Ahead) path and the fallback are unaffected.",
+    )
     batch_size: int = Field(16, ge=1, description="Prompts per beam-search batch in precompute.")
     max_events: int = Field(64, ge=1, description="Most fresh events accepted in one request.")
     device: str = Field("cpu", description="Torch device of the hf backend (cpu, cuda).")

@@ -291,6 +291,53 @@ def think_stop_ids(tokenizer) -> list[int]:
     return [int(think_end)] + ([int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else [])
 
 
+def generate_ids(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    *,
+    pad_id: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    min_new_tokens: int = 0,
+) -> list[list[int]]:
+    """Generated ids after each prompt, cut after the first of ``stop_ids`` (kept when written).
+
+    Greedy unless ``do_sample`` (then seeded with ``seed``; the global RNG state is restored
+    afterwards). ``min_new_tokens`` suppresses the stop ids before that many tokens. ``pad_id``
+    (default: the last stop id) fills the left padding, which the attention mask hides.
+    """
+    import torch
+
+    stops = [int(t) for t in stop_ids]
+    if not stops:
+        raise ValueError("generate_ids: at least one stop id is needed")
+    pad = stops[-1] if pad_id is None else int(pad_id)
+    dev = _device(model)
+    gen: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "eos_token_id": stops, "pad_token_id": pad,
+                           "do_sample": bool(do_sample)}
+    if min_new_tokens > 0:
+        gen["min_new_tokens"] = min(int(min_new_tokens), int(max_new_tokens))
+    if do_sample:
+        gen.update(temperature=float(temperature), top_p=1.0, top_k=0)
+    else:
+        gen.update(temperature=None, top_p=None, top_k=None)
+    out: list[list[int]] = []
+    devices = [dev] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+        torch.manual_seed(seed)
+        for lo in range(0, len(prompts), batch_size):
+            ids, attn, _ = _left_pad(prompts[lo: lo + batch_size], pad, dev)
+            seq = model.generate(input_ids=ids, attention_mask=attn, **gen)
+            for row in seq[:, ids.shape[1]:].tolist():
+                cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
+                out.append([int(t) for t in row[:cut]])
+    return out
+
+
 def sample_rationale_ids(
     model,
     tokenizer,
@@ -310,30 +357,10 @@ def sample_rationale_ids(
     a policy that closes its think block at once). Sampling is seeded with ``seed``; the global
     RNG state is restored afterwards.
     """
-    import torch
-
     stops = think_stop_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
-    dev = _device(model)
-    gen: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "eos_token_id": stops, "pad_token_id": pad_id,
-                           "do_sample": bool(do_sample)}
-    if min_new_tokens > 0:
-        gen["min_new_tokens"] = min(int(min_new_tokens), int(max_new_tokens))
-    if do_sample:
-        gen.update(temperature=float(temperature), top_p=1.0, top_k=0)
-    else:
-        gen.update(temperature=None, top_p=None, top_k=None)
-    out: list[list[int]] = []
-    devices = [dev] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode():
-        torch.manual_seed(seed)
-        for lo in range(0, len(prompts), batch_size):
-            ids, attn, _ = _left_pad(prompts[lo: lo + batch_size], pad_id, dev)
-            seq = model.generate(input_ids=ids, attention_mask=attn, **gen)
-            for row in seq[:, ids.shape[1]:].tolist():
-                cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
-                out.append([int(t) for t in row[:cut]])
-    return out
+    return generate_ids(model, prompts, max_new_tokens, stops, pad_id=pad_id, do_sample=do_sample,
+                        temperature=temperature, seed=seed, batch_size=batch_size, min_new_tokens=min_new_tokens)
 
 
 def generate_rationales(

@@ -8,6 +8,8 @@ A backend owns one model and the trie of the catalog it serves; prompts come fro
   under each prefix and scores add up, so results rank like a full search would.
 * ``full(prompts, beam_size=n)``: full trie-constrained generation (the fallback).
 * ``prefixes(prompts, levels=k, beam_size=n)``: the best prefixes of ``k`` levels (precompute).
+* ``generate(prompts, max_tokens=m, stop_token_ids=s)``: greedy free generation, cut after the
+  first stop id (rationales: the think precompute and the service's online reasoning mode).
 
 All return, per prompt, up to ``n`` distinct SIDs (or prefixes) with summed full-vocabulary
 log-probabilities, best first. ``serving.backend`` picks the engine:
@@ -66,6 +68,11 @@ class Backend(Protocol):
         """Best ``beam_size`` prefixes of ``levels`` SID levels per prompt."""
         ...
 
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_tokens: int, stop_token_ids: Sequence[int],
+                 deadline: float | None = None) -> list[list[int]]:
+        """Greedy generation per prompt: the new ids, up to and including the first stop id."""
+        ...
+
     def close(self) -> None:
         """Release the engine (a no-op for in-process models)."""
         ...
@@ -119,6 +126,15 @@ class HFBackend:
         with self._lock:
             return beam_search_sids(self.model, [list(p) for p in prompts], self.trie, self.vocab, beam_size,
                                     levels=levels, batch_size=self.batch_size)
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_tokens: int, stop_token_ids: Sequence[int],
+                 deadline: float | None = None) -> list[list[int]]:
+        from onerec_prod.eval.beam import generate_ids
+
+        with self._lock:
+            check_deadline(deadline)
+            return generate_ids(self.model, [list(p) for p in prompts], max_tokens, stop_token_ids,
+                                batch_size=self.batch_size)
 
     def close(self) -> None:
         pass

@@ -131,6 +131,19 @@ def rec_prompt_ids(
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
+def think_open_ids(tokenizer, history: Sequence[dict[str, Any]], *, max_items: int) -> list[int]:
+    """The reasoning chat prompt of ``history`` ending in an open ``<think>``: where a rationale starts."""
+    from onerec_prod.samples.prompts import inference_prompt_ids, rec_messages
+
+    return inference_prompt_ids(tokenizer, rec_messages(history, think=True, max_items=max_items), think=True)
+
+
+def rationale_text(tokenizer, ids: Sequence[int], stops: Sequence[int]) -> str:
+    """The rationale of generated ``ids``: everything before the first stop id, decoded and stripped."""
+    cut = next((j for j, t in enumerate(ids) if t in stops), len(ids))
+    return tokenizer.decode(list(ids[:cut]), skip_special_tokens=True).strip()
+
+
 def history_items(item_ids: Iterable[str], items: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Catalog items of ``item_ids`` in order; ids without a catalog SID are dropped."""
     return [items[i] for i in item_ids if i in items]
@@ -213,10 +226,7 @@ def compute_prefixes(
         uids, hs = users[lo: lo + chunk], hists[lo: lo + chunk]
         rationales: list[str | None] = [None] * len(uids)
         if think:
-            from onerec_prod.samples.prompts import inference_prompt_ids, rec_messages
-
-            open_ids = [inference_prompt_ids(tokenizer, rec_messages(h, think=True, max_items=max_items), think=True)
-                        for h in hs]
+            open_ids = [think_open_ids(tokenizer, h, max_items=max_items) for h in hs]
             if backend.name == "hf":
                 rationales = list(generate_rationales(backend.model, tokenizer, open_ids, max_think_tokens,
                                                       do_sample=False, seed=seed, batch_size=batch_size))
@@ -234,16 +244,11 @@ def compute_prefixes(
 
 def engine_rationales(backend, tokenizer, open_ids: Sequence[Sequence[int]], max_tokens: int) -> list[str]:
     """Greedy rationales on an engine backend (``generate``), cut and decoded as the HF path does."""
-    from onerec_prod.eval.beam import THINK_END
+    from onerec_prod.eval.beam import think_stop_ids
 
-    stops = [int(tokenizer.convert_tokens_to_ids(THINK_END))]
-    if tokenizer.eos_token_id is not None:
-        stops.append(int(tokenizer.eos_token_id))
-    out = []
-    for row in backend.generate(open_ids, max_tokens=max_tokens, stop_token_ids=stops):
-        cut = next((j for j, t in enumerate(row) if t in stops), len(row))
-        out.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-    return out
+    stops = think_stop_ids(tokenizer)
+    return [rationale_text(tokenizer, row, stops)
+            for row in backend.generate(open_ids, max_tokens=max_tokens, stop_token_ids=stops)]
 
 
 # --------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The online Think-Ahead service (FastAPI): complete precomputed SID prefixes into items.
 
-``POST /recommend`` ``{"user_id": str, "events": [item_id, ...] (optional), "k": int (optional)}``
-returns ``{user_id, items: [{item_id, sid, score}], rationale, model_version, path, latency_ms}``:
+``POST /recommend`` ``{"user_id": str, "events": [item_id, ...] (optional), "k": int (optional),
+"mode": "auto" | "think" (optional)}`` returns ``{user_id, items: [{item_id, sid, score}], rationale,
+model_version, path, latency_ms}``. ``mode="auto"`` (the default) takes the first path that applies:
 
 * ``path="prefix"``: the user has a row in the export of the serving model version and sent no
   fresh events; the remaining SID levels are completed under each of the user's precomputed
@@ -12,10 +13,18 @@ returns ``{user_id, items: [{item_id, sid, score}], rationale, model_version, pa
   user (no row, no events) gets the export's most popular items, ranked once per loaded state:
   no generation, so a stream of made-up user ids cannot occupy the model.
 
+``mode="think"`` is online reasoning, only with ``serving.online_reasoning=true`` (403 otherwise):
+``path="think"``: the model writes a rationale (greedy, up to ``serving.max_think_tokens``
+tokens) after the reasoning chat prompt of the user's stored history plus ``events``, then the
+trie-constrained SID beam runs on that prompt and rationale (as eval's think mode does), and the
+rationale is returned. It costs one decode step per rationale token on every request: the price
+Think-Ahead moves offline. An unknown user without events still gets the popular items.
+
 Only catalog items are returned: the trie and the SID -> item map come from the catalog
 snapshot of the export. Status codes: 422 for a malformed body, wrong types, ``k`` outside
 ``1..serving.top_n``, too many events or unknown item ids (the message names the field); 413
-for a body over ``serving.max_body_bytes``; 503 until a model is loaded. Nothing in a request
+for a body over ``serving.max_body_bytes``; 403 for ``mode="think"`` while ``serving.online_reasoning``
+is off (422 when the serving model's tokenizer has no ``</think>``); 503 until a model is loaded. Nothing in a request
 selects a file, a model or a version.
 
 Trust no caller (``serving.auth``, ``max_in_flight``, ``request_timeout_s``, ``openapi``):
@@ -60,7 +69,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from onerec_prod.config import Config
 from onerec_prod.serving.backends import DeadlineExceeded, check_deadline
@@ -115,6 +124,9 @@ class ServingState:
     # when training wrote the model (unix time) and its training day dt: /metrics' model-age gauges
     trained_at: float | None = None
     data_date: str | None = None
+    # online reasoning (mode "think"): rationale budget and the ids that end a rationale
+    max_think_tokens: int = 32
+    think_stops: tuple[int, ...] = ()
     # fast tokenizers must not encode from two threads at once; prompt building is ~1 ms
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
@@ -213,6 +225,14 @@ def load_state(cfg: Config, version: str, model_dir: str | Path, *, previous: Se
     if not current:
         log.warning("no export for model version %s yet: serving every user through the fallback "
                     "(histories from %s, version %s)", version, path, exp.model_version)
+    think_stops: tuple[int, ...] = ()
+    if cfg.serving.online_reasoning:
+        from onerec_prod.eval.beam import think_stop_ids
+
+        try:
+            think_stops = tuple(think_stop_ids(tokenizer))
+        except ValueError as e:  # the other paths still serve; mode=think requests get 422
+            log.warning("model version %s cannot serve mode=think: %s", version, e)
     trained_at, data_date = model_times(model_dir)
     state = ServingState(
         model_version=version, model_dir=model_dir, sid_version=sid_version, backend=backend,
@@ -220,7 +240,8 @@ def load_state(cfg: Config, version: str, model_dir: str | Path, *, previous: Se
         prefixes_current=current, think=bool(manifest.get("think", False)) and current,
         max_items=int(manifest.get("max_history", cfg.samples.max_history)),
         export_id=export_id(path, manifest), tokenizer_lock=tok_lock,
-        popular=popular_items(exp.users, items, cfg.serving.top_n), trained_at=trained_at, data_date=data_date)
+        popular=popular_items(exp.users, items, cfg.serving.top_n), trained_at=trained_at, data_date=data_date,
+        max_think_tokens=cfg.serving.max_think_tokens, think_stops=think_stops)
     log.info("loaded model version %s (%s): %d items, %d users, prefixes %s",
              version, model_dir, len(items), len(exp.users), "current" if current else "stale")
     return state
@@ -230,13 +251,23 @@ def load_state(cfg: Config, version: str, model_dir: str | Path, *, previous: Se
 # the request core (no HTTP)
 
 
+MODES = ("auto", "think")
+
+
 def recommend(state: ServingState, user_id: str, events: Sequence[str], k: int, beam_size: int,
-              deadline: float | None = None) -> dict[str, Any]:
+              deadline: float | None = None, mode: str = "auto") -> dict[str, Any]:
     """Ranked catalog items for one request on ``state``.
 
-    Raises :class:`UnknownItems`, and :class:`DeadlineExceeded` when ``deadline``
-    (``time.monotonic()``) passes before a generation starts (e.g. while queued on the model).
+    ``mode="think"``: online reasoning (rationale, then the SID beam) from the stored history plus
+    ``events``; needs ``state.think_stops`` (``serving.online_reasoning``). Raises
+    :class:`UnknownItems`, ``ValueError`` for a bad ``mode``, and :class:`DeadlineExceeded` when
+    ``deadline`` (``time.monotonic()``) passes before a generation starts (e.g. while queued on the
+    model, or between the rationale and the SID beam).
     """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: valid modes are {', '.join(MODES)}")
+    if mode == "think" and not state.think_stops:
+        raise ValueError("mode='think' needs serving.online_reasoning=true (online rationale generation)")
     unknown = [e for e in events if e not in state.items]
     if unknown:
         shown = ", ".join(repr(u) for u in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
@@ -255,6 +286,14 @@ def recommend(state: ServingState, user_id: str, events: Sequence[str], k: int, 
         reason = None
     ranked: list[tuple[Sid, float]] = []
     rationale = None
+    if mode == "think" and (row is not None or events):
+        hist = history_items((row.history if row else ()) + tuple(events), state.items)
+        if hist:
+            ranked, rationale = _think(state, hist, beam_size, deadline)
+            items = [{"item_id": state.sid_to_item[sid], "sid": list(sid), "score": round(score, 6)}
+                     for sid, score in ranked if sid in state.sid_to_item][:k]
+            return {"user_id": user_id, "items": items, "rationale": rationale,
+                    "model_version": state.model_version, "path": "think", "fallback_reason": None}
     if reason == "unknown_user" and state.popular:
         ranked = list(state.popular)
         items = [{"item_id": state.sid_to_item[sid], "sid": list(sid), "score": round(score, 6)}
@@ -283,6 +322,29 @@ def recommend(state: ServingState, user_id: str, events: Sequence[str], k: int, 
              for sid, score in ranked if sid in state.sid_to_item][:k]
     return {"user_id": user_id, "items": items, "rationale": rationale, "model_version": state.model_version,
             "path": "prefix" if reason is None else "fallback", "fallback_reason": reason}
+
+
+def _think(state: ServingState, hist: list[dict[str, Any]], beam_size: int,
+           deadline: float | None) -> tuple[list[tuple[Sid, float]], str]:
+    """Online reasoning: a greedy rationale after the open think block, then the constrained SID beam.
+
+    The prompts are the ones eval's think mode and the think precompute use (reasoning chat prompt,
+    then the closed think block); the rationale and the beam are two backend calls, each checking
+    ``deadline`` once it holds the model.
+    """
+    from onerec_prod.serving.precompute import rationale_text, think_open_ids
+
+    with state.tokenizer_lock:
+        open_ids = think_open_ids(state.tokenizer, hist, max_items=state.max_items)
+    check_deadline(deadline)
+    gen = state.backend.generate([open_ids], max_tokens=state.max_think_tokens,
+                                 stop_token_ids=list(state.think_stops), deadline=deadline)[0]
+    with state.tokenizer_lock:
+        rationale = rationale_text(state.tokenizer, gen, state.think_stops)
+        prompt = rec_prompt_ids(state.tokenizer, hist, think=True, rationale=rationale, max_items=state.max_items)
+    check_deadline(deadline)
+    ranked = state.backend.full([prompt], beam_size=beam_size, deadline=deadline)[0]
+    return ranked, rationale
 
 
 # --------------------------------------------------------------------------------------
@@ -378,7 +440,7 @@ class Metrics:
                                 ["path"], registry=reg)
         self.latency = Histogram("onerec_recommend_latency_seconds", "Server-side /recommend latency.",
                                  ["path"], buckets=LATENCY_BUCKETS, registry=reg)
-        for p in ("prefix", "fallback"):  # both series exist from the start (rate() needs a zero)
+        for p in ("prefix", "fallback", "think"):  # every series exists from the start (rate() needs a zero)
             self.requests.labels(p)
             self.latency.labels(p)
         self.fallbacks = Counter("onerec_fallback", "Requests served by the fallback path, by reason.",
@@ -736,6 +798,9 @@ def _request_model(top_n: int, max_events: int):
         events: list[ItemId] | None = Field(
             None, max_length=max_events, description="Fresh item ids, oldest first, appended to the history.")
         k: int | None = Field(None, ge=1, le=top_n, description=f"Items to return, 1..{top_n}.")
+        mode: Literal["auto", "think"] | None = Field(
+            None, description="auto (default): precomputed prefixes, else full generation; think: online "
+            "reasoning, a rationale then the SID beam (needs serving.online_reasoning).")
 
     return RecommendRequest
 
@@ -747,9 +812,9 @@ def _describe(errors: Sequence[dict]) -> list[str]:
         if e.get("type") == "json_invalid":
             out.append("body: not valid JSON")
         elif loc == "body" and e.get("type") in ("model_attributes_type", "dict_type", "model_type"):
-            out.append("body: expected a JSON object {user_id, events?, k?}")
+            out.append("body: expected a JSON object {user_id, events?, k?, mode?}")
         elif e.get("type") == "extra_forbidden":
-            out.append(f"{loc}: unknown field (accepted: user_id, events, k)")
+            out.append(f"{loc}: unknown field (accepted: user_id, events, k, mode)")
         else:
             got = e.get("input")
             shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
@@ -827,7 +892,7 @@ def create_app(
     def compute(state: ServingState, body, deadline: float) -> dict[str, Any]:
         try:
             return recommend(state, body.user_id, body.events or [], body.k or scfg.top_n, scfg.top_n,
-                             deadline=deadline)
+                             deadline=deadline, mode=body.mode or "auto")
         except DeadlineExceeded:
             metrics.count("dropped")
             raise
@@ -852,12 +917,19 @@ def create_app(
     async def recommend_endpoint(body, request):
         t0 = time.perf_counter()
         deadline = time.monotonic() + scfg.request_timeout_s
+        if body.mode == "think" and not scfg.online_reasoning:
+            return JSONResponse(status_code=403, content={
+                "error": "mode: 'think' (online reasoning) is off on this service (serving.online_reasoning=false)"})
         state = watcher.state  # read once: this request finishes on this state
         if state is None:
             return JSONResponse(status_code=503, content={"error": "no model loaded yet; retry later"})
         if not body.events and body.user_id not in state.users and state.popular:
             # unknown user: a slice of a precomputed list, answered inline; takes no model slot
             out = recommend(state, body.user_id, [], body.k or scfg.top_n, scfg.top_n)
+        elif body.mode == "think" and not state.think_stops:
+            return JSONResponse(status_code=422, content={
+                "error": f"mode: model version {state.model_version} cannot reason online "
+                         "(its tokenizer has no </think> token)"})
         elif not in_flight.try_enter():
             metrics.count("shed")
             return JSONResponse(status_code=503, headers={"Retry-After": "1"}, content={

@@ -379,8 +379,11 @@ class VLLMBackend:
         return constrained_beam_search(prompts, self.trie, self.vocab, beam_size, self._step, levels=levels)
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_tokens: int,
-                 stop_token_ids: Sequence[int]) -> list[list[int]]:
+                 stop_token_ids: Sequence[int], deadline: float | None = None) -> list[list[int]]:
         """Greedy free generation (rationales); generated ids per prompt, the stop token included."""
+        from onerec_prod.serving.deadline import check_deadline
+
+        check_deadline(deadline)
         body = {"prompts": [list(p) for p in prompts], "max_tokens": int(max_tokens),
                 "stop_token_ids": [int(t) for t in stop_token_ids]}
         return _http_json(self.url + "/generate", body, timeout=self.timeout_s)["token_ids"]

@@ -283,6 +283,67 @@ def test_think_mode_serves_the_stored_rationale(tmp_path, tiny_model_dir, catalo
         assert c.post("/recommend", json={"user_id": "u9"}).json()["rationale"] is None
 
 
+def test_online_reasoning_mode_writes_a_rationale_then_beams(served, catalog, histories):
+    """mode=think with serving.online_reasoning: over HTTP, the model writes a rationale online and
+    the constrained SID beam runs on it; the answer is eval's think mode on the same history (the
+    same greedy rationale, the same ranked SIDs). Fresh events join the history; an unknown user
+    still gets the popular items. With the option off, mode=think is a 403 and auto is unchanged."""
+    import httpx
+
+    from onerec_prod.eval.beam import recommend as eval_recommend
+    from onerec_prod.model.io import load_model, load_tokenizer
+    from onerec_prod.serving.precompute import history_items
+    from onerec_prod.serving.service import create_app
+    from onerec_prod.sid.tokens import SidVocab, level_sizes
+    from onerec_prod.sid.trie import SidTrie
+
+    cfg0, model_dir = served
+    root = Path(cfg0.paths.var_root)
+    cfg = load_cfg(root, "serving.online_reasoning=true", "serving.max_think_tokens=6")
+    top_n = cfg.serving.top_n
+    items = {it["item_id"]: it for it in catalog}
+    fresh = [catalog[7]["item_id"], catalog[9]["item_id"]]
+
+    app = create_app(cfg, champion_resolver=lambda: ("1", model_dir))
+    with http_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        wait_for(c, lambda h: h["model_version"] == "1")
+        think = c.post("/recommend", json={"user_id": "u3", "mode": "think"})
+        assert think.status_code == 200, think.text
+        body = think.json()
+        assert (body["path"], body["fallback_reason"], body["model_version"]) == ("think", None, "1")
+        assert isinstance(body["rationale"], str)
+        assert_catalog_items(body, catalog, top_n)
+        with_events = c.post("/recommend", json={"user_id": "u3", "events": fresh, "mode": "think", "k": 3}).json()
+        assert with_events["path"] == "think" and len(with_events["items"]) <= 3
+        assert c.post("/recommend", json={"user_id": "u3", "mode": "auto"}).json()["path"] == "prefix"
+        stranger = c.post("/recommend", json={"user_id": "stranger", "mode": "think"}).json()
+        assert (stranger["path"], stranger["fallback_reason"]) == ("fallback", "unknown_user")
+        m = scrape(c)
+        assert value(m, "onerec_recommend_requests_total", path="think") == 2
+        assert value(m, "onerec_recommend_latency_seconds_count", path="think") == 2
+
+    # eval's think mode (greedy rationale, then the beam) on the same histories, in process
+    tok, model = load_tokenizer(model_dir), load_model(model_dir)
+    sizes = level_sizes(cfg.sid)
+    trie, vocab = SidTrie.from_sids([it["sid"] for it in catalog], sizes), SidVocab.from_tokenizer(tok, sizes)
+    hists = [history_items(histories["u3"], items), history_items(histories["u3"] + fresh, items)]
+    eval_cfg = cfg.eval.model_copy(update={"beam_size": top_n, "max_think_tokens": 6})  # the service's settings
+    for got, hist, k in zip((body, with_events), hists, (top_n, 3), strict=True):
+        want = eval_recommend(model, tok, trie, vocab, [hist], eval_cfg, think=True, max_items=cfg.samples.max_history)
+        sids, rationale = want.sids[0], want.rationales[0]
+        assert got["rationale"] == rationale
+        assert [tuple(it["sid"]) for it in got["items"]] == [sid for sid, _ in sids[:k]]
+        assert [it["score"] for it in got["items"]] == pytest.approx([sc for _, sc in sids[:k]], abs=1e-5)
+
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(cfg0, champion_resolver=lambda: ("1", model_dir))) as c:  # option off
+        wait_for(c, lambda h: True)
+        r = c.post("/recommend", json={"user_id": "u3", "mode": "think"})
+        assert r.status_code == 403 and "serving.online_reasoning" in r.json()["error"]
+        assert c.post("/recommend", json={"user_id": "u3"}).json()["path"] == "prefix"
+
+
 def test_bad_requests_get_clear_4xx(served):
     from fastapi.testclient import TestClient
 
@@ -305,6 +366,8 @@ def test_bad_requests_get_clear_4xx(served):
             ({"user_id": "u1", "events": ["x"] * (cfg.serving.max_events + 1)}, "events:"),
             ({"user_id": "u1", "model": "/etc/passwd"}, "model: unknown field"),
             ({"user_id": "u1", "model_dir": "models:/onerec@champion"}, "unknown field"),
+            ({"user_id": "u1", "mode": "fast"}, "mode:"),
+            ({"user_id": "u1", "mode": 1}, "mode:"),
             ([1, 2], "JSON object"),
         ]
         for body, needle in cases:

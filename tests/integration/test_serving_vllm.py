@@ -180,6 +180,35 @@ def test_precompute_on_vllm_matches_hf(engine_a, models, catalog, histories, tmp
     assert engine_a.server.alive()  # a passed backend is left running
 
 
+def test_online_reasoning_on_vllm_matches_hf(engine_a, models, setup, histories):
+    """mode=think on the vLLM backend (the rationale by the engine's /generate, then the /step
+    beam on it) answers what the HF backend answers: the same greedy rationale, the same items."""
+    import dataclasses
+
+    from onerec_prod.eval.beam import think_stop_ids
+    from onerec_prod.serving.backends import HFBackend
+    from onerec_prod.serving.precompute import UserPrefixes
+    from onerec_prod.serving.service import ServingState, recommend
+
+    trie, vocab, tok, items = setup
+    users = sorted(histories)[:6]
+    on_vllm = ServingState(
+        model_version="a", model_dir=models["a"], sid_version=SID_VERSION, backend=engine_a, tokenizer=tok,
+        items=items, sid_to_item={tuple(it["sid"]): i for i, it in items.items()},
+        users={u: UserPrefixes(u, tuple(histories[u]), None, ()) for u in users}, prefixes_current=True,
+        think=False, max_items=10, export_id="test", max_think_tokens=8, think_stops=tuple(think_stop_ids(tok)))
+    on_hf = dataclasses.replace(on_vllm, backend=HFBackend.from_dir(models["a"], trie, vocab))
+    got = [recommend(on_vllm, u, [], 10, 10, mode="think") for u in users]
+    ref = [recommend(on_hf, u, [], 10, 10, mode="think") for u in users]
+    assert {g["path"] for g in got} == {"think"} and all(isinstance(g["rationale"], str) for g in got)
+    same = [g["rationale"] == r["rationale"] for g, r in zip(got, ref, strict=True)]
+    pairs = [(r, g) for r, g, s in zip(ref, got, same, strict=True) if s]
+    figures = agreement([[(tuple(i["sid"]), i["score"]) for i in r["items"]] for r, _ in pairs],
+                        [[(tuple(i["sid"]), i["score"]) for i in g["items"]] for _, g in pairs])
+    print(f"\nvLLM vs HF, online reasoning, {len(users)} users: same rationale {sum(same)}, items {figures}")
+    assert sum(same) >= len(users) - 1 and figures["overlap"] >= 0.95, (same, figures)
+
+
 def write_lake(spark, cfg, catalog, histories) -> None:
     """Delta ``catalog`` and ``user_history`` holding the module's catalog and histories."""
     from onerec_prod.lake import conform, table_path

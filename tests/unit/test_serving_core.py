@@ -102,6 +102,9 @@ class FakeTok:
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": [len(text)]}
 
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(f"w{t}" for t in ids)
+
 
 class FakeBackend:
     name = "fake"
@@ -115,12 +118,16 @@ class FakeBackend:
         return [list(self.complete_result)]
 
     def full(self, prompts, *, beam_size, deadline=None):
-        self.calls.append(("full", None, beam_size))
+        self.calls.append(("full", prompts[0], beam_size))
         return [list(self.full_result)]
 
+    def generate(self, prompts, *, max_tokens, stop_token_ids, deadline=None):
+        self.calls.append(("generate", prompts[0], max_tokens))
+        return [[3, 4, *stop_token_ids[:1], 5][:max_tokens]]
 
-def state(backend, current=True, popular=()) -> ServingState:
-    return ServingState(popular=popular,
+
+def state(backend, current=True, popular=(), think_stops=()) -> ServingState:
+    return ServingState(popular=popular, think_stops=think_stops, max_think_tokens=8,
         model_version="3", model_dir=Path("/m"), sid_version="s1", backend=backend, tokenizer=FakeTok(),
         items={it["item_id"]: it for it in ITEMS}, sid_to_item={it["sid"]: it["item_id"] for it in ITEMS},
         users={r.user_id: r for r in ROWS}, prefixes_current=current, think=False, max_items=10, export_id="e")
@@ -142,6 +149,36 @@ def test_request_paths_and_catalog_only():
         assert [i["item_id"] for i in out["items"]] == ["c"] and be.calls[-1][0] == "full"
     with pytest.raises(UnknownItems, match="'zz'"):
         recommend(state(be), "u1", ["a", "zz"], 5, 5)
+
+
+def test_think_mode_rationale_then_full_beam():
+    """mode=think: one generate call (the rationale, cut at the stop id), then the full beam on a
+    prompt holding it; the history is the stored one plus the events; unknown users without events
+    get the popular items; the mode needs the stop ids (serving.online_reasoning)."""
+    from onerec_prod.serving.precompute import rec_prompt_ids, think_open_ids
+    from onerec_prod.serving.service import popular_items
+
+    be = FakeBackend([((0, 1, 3), -1.0)], [((2, 0, 0), -0.7), ((0, 1, 2), -0.9)])
+    st = state(be, think_stops=(99, 98))
+    out = recommend(st, "u1", [], 5, 5, mode="think")
+    assert (out["path"], out["fallback_reason"], out["rationale"]) == ("think", None, "w3 w4")
+    assert [i["item_id"] for i in out["items"]] == ["c", "a"]
+    assert [c[0] for c in be.calls] == ["generate", "full"] and be.calls[0][2] == 8
+    hist = [it for it in ITEMS if it["item_id"] in ("a", "b")]  # u1's history
+    assert be.calls[0][1] == think_open_ids(FakeTok(), hist, max_items=10)
+    assert be.calls[1][1] == rec_prompt_ids(FakeTok(), hist, think=True, rationale="w3 w4", max_items=10)
+    be.calls.clear()
+    assert recommend(st, "nobody", ["c"], 1, 5, mode="think")["path"] == "think"  # events only: a history
+    assert [c[0] for c in be.calls] == ["generate", "full"]
+    pop = popular_items({r.user_id: r for r in ROWS}, {it["item_id"]: it for it in ITEMS}, 3)
+    be.calls.clear()
+    out = recommend(state(be, popular=pop, think_stops=(99,)), "nobody", [], 5, 5, mode="think")
+    assert (out["path"], out["fallback_reason"]) == ("fallback", "unknown_user") and be.calls == []
+    with pytest.raises(ValueError, match="online_reasoning"):
+        recommend(state(be), "u1", [], 5, 5, mode="think")
+    with pytest.raises(ValueError, match="valid modes"):
+        recommend(st, "u1", [], 5, 5, mode="fast")
+    assert recommend(st, "u1", [], 5, 5)["path"] == "prefix"  # auto: unchanged
 
 
 def test_unknown_users_get_popular_items_without_generation():
