@@ -11,7 +11,9 @@ For each size, in a fresh lake: a synthetic catalog of ``--items`` items with SI
 * day 2 (``2014-03-02``), measured: ingest_events -> build_sequences -> build_eval_snapshot ->
   build_samples, each its own timing, on one local[2] session (``spark.master``).
 
-Per step it prints seconds, events/s per core (day-2 events / seconds / cores), the JVM's peak
+Per step it prints seconds, events/s per core (day-2 events / seconds / cores), the CPU seconds of
+the JVM, its Python workers and the driver together with events per CPU second (on a shared
+machine the wall clock measures the neighbours; the CPU seconds measure the step), the JVM's peak
 heap (sampled) and its old generation after GC (the live data: in local mode the driver and the
 executors are this one JVM), the peak RSS of the Python driver and of the Python workers, and the
 shuffle read/write and input bytes of the step's Spark stages (from the Spark UI's REST API), which
@@ -19,6 +21,7 @@ say whether the step is shuffle-bound. Between sizes it prints the time ratio pe
 (1.0 = linear). The plain-Python reference (the tests' ``reference_*`` functions, one process,
 everything in dicts) runs the same steps in a child process for sizes up to ``--python-max``
 (its peak RSS is measured; above that size it is not run and the estimate is printed).
+``--report WORK/dataplane_scale.json`` prints the table of a saved run again.
 """
 
 from __future__ import annotations
@@ -102,6 +105,23 @@ class Sampler(threading.Thread):
         for k, v in now.items():
             self.peak[k] = max(self.peak[k], v)
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) used so far by the JVM, every process under it (the Python
+        workers; exited ones through their parent's children times) and this Python driver. On a
+        shared machine this, not the wall clock, says what a step costs."""
+        total = time.process_time()
+        try:
+            jvm = self.psutil.Process(self.jvm_pid)
+            for proc in [jvm, *jvm.children(recursive=True)]:
+                try:
+                    t = proc.cpu_times()
+                    total += t.user + t.system + t.children_user + t.children_system
+                except self.psutil.Error:
+                    pass
+        except self.psutil.Error:
+            pass
+        return total
+
     def run(self) -> None:
         while not self.stop_ev.wait(0.5):
             try:
@@ -138,14 +158,14 @@ def spark_size(spark, sampler: Sampler, cfg, n: int) -> dict:
         time.sleep(1)
         sampler.reset()
         sampler.sample()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), sampler.cpu_s()
         try:
             res = runs[step]()
         except Exception as e:  # noqa: BLE001 (reported; the later steps need this one)
             logging.getLogger("bench").exception("n=%d %s failed", n, step)
             out["steps"][step] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
             break
-        secs = time.perf_counter() - t
+        secs, cpu = time.perf_counter() - t, sampler.cpu_s() - c
         sampler.sample()
         time.sleep(1.5)  # the UI's store catches up with the last stage
         new = [s for k, s in _stages(ui, app).items() if k not in before]
@@ -153,7 +173,7 @@ def spark_size(spark, sampler: Sampler, cfg, n: int) -> dict:
         shuffle_ms = sum(s.get("executorRunTime", 0) for s in new
                          if s.get("shuffleReadBytes", 0) or s.get("shuffleWriteBytes", 0))
         out["steps"][step] = {
-            "s": secs, "counts": res.counts, **{k: round(v) for k, v in sampler.peak.items()},
+            "s": secs, "cpu_s": cpu, "counts": res.counts, **{k: round(v) for k, v in sampler.peak.items()},
             "input_mb": sum(s.get("inputBytes", 0) for s in new) / MB,
             "shuffle_read_mb": sum(s.get("shuffleReadBytes", 0) for s in new) / MB,
             "shuffle_write_mb": sum(s.get("shuffleWriteBytes", 0) for s in new) / MB,
@@ -194,13 +214,15 @@ def python_reference(raw: Path, n_items: int, history_len: int, eval_fraction: f
     earlier = {e["event_id"] for e in good1}
     del good1
     res = {}
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     good, bad = reference_ingest(lines(D2), D2, skew, known, earlier)
     res["ingest_events"] = time.perf_counter() - t
-    t = time.perf_counter()
+    res["ingest_events_cpu"] = time.process_time() - c
+    t, c = time.perf_counter(), time.process_time()
     examples, _ = reference_sequences(prior, good, history_len, D2)
     res["build_sequences"] = time.perf_counter() - t
-    t = time.perf_counter()
+    res["build_sequences_cpu"] = time.process_time() - c
+    t, c = time.perf_counter(), time.process_time()
     order = {e["event_id"]: (e["ts"], e["source_file"], e["seq"]) for e in good}
     last: dict[str, dict] = {}
     for ex in examples:
@@ -210,10 +232,11 @@ def python_reference(raw: Path, n_items: int, history_len: int, eval_fraction: f
                 last[ex["user_id"]] = ex
     snap = [ex for ex in last.values() if ex["history"]]
     res["build_eval_snapshot"] = time.perf_counter() - t
+    res["build_eval_snapshot_cpu"] = time.process_time() - c
     if samples_cfg is not None:
         from onerec_prod.samples import builders
 
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         held = {ex["event_id"] for ex in snap}
         eval_ts = {ex["user_id"]: ex["ts"] for ex in snap}
         kept = [ex for ex in examples if ex["event_id"] not in held
@@ -232,6 +255,7 @@ def python_reference(raw: Path, n_items: int, history_len: int, eval_fraction: f
                                           caption_items=[], general_items=[],
                                           rationale_source=make_rationale_source("category", samples_cfg))
         res["build_samples"] = time.perf_counter() - t
+        res["build_samples_cpu"] = time.process_time() - c
         res["samples"] = len(rows)
     res.update(events=len(good), quarantined=len(bad), examples=len(examples), eval=len(snap),
                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -254,7 +278,14 @@ def main() -> int:
                    help="Largest size the plain-Python reference also builds samples at.")
     p.add_argument("--no-samples", action="store_true", help="Skip build_samples (Spark and Python).")
     p.add_argument("--python-ref", nargs=2, metavar=("RAW", "SAMPLES"), help=argparse.SUPPRESS)
+    p.add_argument("--cores", type=int, default=None, help="Cores of the saved run (--report; default 2).")
+    p.add_argument("--report", metavar="JSON", help="Only print the table of a saved dataplane_scale.json.")
     args = p.parse_args()
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        _report({int(k): v for k, v in saved.items()}, 2 if args.cores is None else args.cores,
+                parse_size(args.python_max))
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     base = load_config(args.config)
     n_items = parse_size(args.items)
@@ -268,7 +299,7 @@ def main() -> int:
         cfg_steps.discard("build_samples")
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     tmp = tempfile.TemporaryDirectory(prefix="bench-scale-") if args.work is None else None
-    work = Path(tmp.name if tmp else args.work)
+    work = Path(tmp.name if tmp else args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
 
     from onerec_prod.config import SparkCfg
@@ -331,20 +362,25 @@ def main() -> int:
         if tmp is None and os.environ.get("BENCH_SCALE_KEEP") != "1":
             shutil.rmtree(root / "lake", ignore_errors=True)
         if n != sizes[-1]:  # figures so far, in case a larger size does not finish
-            _report(results, cores)
+            _report(results, cores, parse_size(args.python_max))
         (work / "dataplane_scale.json").write_text(json.dumps(results, indent=1, default=str))
     sampler.stop_ev.set()
-    _report(results, cores)
+    _report(results, cores, parse_size(args.python_max))
     spark.stop()
     if tmp:
         tmp.cleanup()
     return 0
 
 
-def _report(results: dict, cores: int) -> None:
-    print("\nday 2 of each size (day 1 already in the lake); events = good events of day 2")
-    hdr = (f"{'events':>9} {'step':<20}{'s':>8}{'ev/s/core':>11}{'heap':>7}{'old/gc':>7}{'jvmRSS':>7}"
-           f"{'drvPy':>7}{'wrkPy':>7}{'in MB':>8}{'shufR':>8}{'shufW':>8}{'shuf%t':>7}")
+def _report(results: dict, cores: int, python_max: int | None = None) -> None:
+    """The table: wall seconds and events/s per core (wall x cores), CPU seconds (all processes of
+    the session) and events per CPU second, memory peaks, Spark stage I/O; then the plain-Python
+    reference, and the scaling between sizes (wall and CPU)."""
+    print("\nday 2 of each size (day 1 already in the lake); events = good events of day 2; "
+          "ev/cpu-s = events per CPU second of the JVM + Python workers + driver")
+    hdr = (f"{'events':>9} {'step':<20}{'s':>8}{'ev/s/core':>11}{'cpu s':>8}{'ev/cpu-s':>10}{'heap':>7}"
+           f"{'old/gc':>7}{'jvmRSS':>7}{'drvPy':>7}{'wrkPy':>7}{'in MB':>8}{'shufR':>8}{'shufW':>8}"
+           f"{'spill':>7}{'shuf%t':>7}")
     print(hdr)
     for n, r in results.items():
         ev = ((r["steps"].get("ingest_events") or {}).get("counts") or {}).get("events_written", n)
@@ -352,34 +388,53 @@ def _report(results: dict, cores: int) -> None:
             if "error" in s:
                 print(f"{n:>9} {step:<20} FAILED: {s['error'][:200]}")
                 continue
-            print(f"{n:>9} {step:<20}{s['s']:>8.1f}{ev / s['s'] / cores:>11.0f}{s['heap_mb']:>7}"
-                  f"{s['old_after_gc_mb']:>7}{s['jvm_rss_mb']:>7}{s['driver_py_rss_mb']:>7}"
+            cpu = s.get("cpu_s") or float("nan")
+            print(f"{n:>9} {step:<20}{s['s']:>8.1f}{ev / s['s'] / cores:>11.0f}{cpu:>8.1f}{ev / cpu:>10.0f}"
+                  f"{s['heap_mb']:>7}{s['old_after_gc_mb']:>7}{s['jvm_rss_mb']:>7}{s['driver_py_rss_mb']:>7}"
                   f"{s['workers_py_rss_mb']:>7}{s['input_mb']:>8.0f}{s['shuffle_read_mb']:>8.0f}"
-                  f"{s['shuffle_write_mb']:>8.0f}{s['task_time_in_shuffle_stages']:>7.0%}")
-        tot = sum(s.get("s", 0.0) for s in r["steps"].values())
-        print(f"{n:>9} {'total':<20}{tot:>8.1f}{ev / tot / cores:>11.0f}   (day 1, ingest+sequences: "
-              f"{r['day1_s']:.0f}s)")
+                  f"{s['shuffle_write_mb']:>8.0f}{s.get('spill_mb', 0):>7.0f}"
+                  f"{s['task_time_in_shuffle_stages']:>7.0%}")
+        done = [s for s in r["steps"].values() if "s" in s]
+        tot = sum(s["s"] for s in done)
+        tot_cpu = sum(s.get("cpu_s") or 0.0 for s in done)
+        if tot:
+            print(f"{n:>9} {'total':<20}{tot:>8.1f}{ev / tot / cores:>11.0f}{tot_cpu:>8.1f}"
+                  f"{ev / tot_cpu if tot_cpu else 0:>10.0f}   (day 1, ingest+sequences: {r['day1_s']:.0f}s)")
         py = r.get("python")
         if py and "error" not in py:
-            common = [k for k in STEPS if k in py and k in r["steps"]]
+            common = [k for k in STEPS if k in py and k in r["steps"] and "s" in r["steps"][k]]
             py_t = sum(py[k] for k in common)
+            py_c = sum(py.get(f"{k}_cpu", py[k]) for k in common)
             sp_t = sum(r["steps"][k]["s"] for k in common)
-            print(f"{n:>9} plain Python ({', '.join(common)}): {py_t:.1f}s = {py['events'] / py_t:.0f} ev/s on "
-                  f"1 core, peak RSS {py['peak_rss_mb']:.0f} MB; Spark {sp_t:.1f}s = "
-                  f"{ev / sp_t / cores:.0f} ev/s/core; Spark/Python per core: "
-                  f"{(ev / sp_t / cores) / (py['events'] / py_t):.2f}x; same counts: "
-                  f"{py['events'] == ev and py['examples'] == r['steps'].get('build_sequences', {}).get('counts', {}).get('examples_written')}")
+            sp_c = sum(r["steps"][k].get("cpu_s") or 0.0 for k in common)
+            same = (py["events"] == ev and py["examples"]
+                    == r["steps"].get("build_sequences", {}).get("counts", {}).get("examples_written"))
+            print(f"{n:>9} plain Python ({', '.join(common)}): {py_t:.1f}s wall, {py_c:.1f} cpu-s = "
+                  f"{py['events'] / py_t:.0f} ev/s on 1 core, {py['events'] / py_c:.0f} ev/cpu-s, peak RSS "
+                  f"{py['peak_rss_mb']:.0f} MB; same counts: {same}")
+            print(f"{n:>9} Spark/Python: per core (wall) {(ev / sp_t / cores) / (py['events'] / py_t):.2f}x, "
+                  f"per CPU second {(ev / sp_c) / (py['events'] / py_c) if sp_c else 0:.2f}x; per step (cpu): "
+                  + ", ".join(f"{k} {py.get(f'{k}_cpu', py[k]) / r['steps'][k]['cpu_s']:.2f}x" for k in common
+                              if r["steps"][k].get("cpu_s")))
         elif py:
             print(f"{n:>9} plain Python failed: {py['error'][-300:]}")
         else:
-            print(f"{n:>9} plain Python not run (size > --python-max)")
+            ran = [(m, q["python"]) for m, q in results.items() if "peak_rss_mb" in q.get("python", {})]
+            est = (f"; estimated peak RSS {max(ran)[1]['peak_rss_mb'] * n / max(ran)[0]:.0f} MB (linear from "
+                   f"{max(ran)[0]} events)") if ran else ""
+            print(f"{n:>9} plain Python not run (size > --python-max {python_max}){est}")
     ns = sorted(results)
     for a, b in zip(ns, ns[1:]):
         ra, rb = results[a], results[b]
-        print(f"scaling {a} -> {b} events ({b / a:.0f}x): " + ", ".join(
-            f"{k} {rb['steps'][k]['s'] / ra['steps'][k]['s']:.1f}x" for k in rb["steps"]
-            if "s" in rb["steps"][k] and "s" in ra["steps"].get(k, {}))
-            + f"; total {sum(s.get('s', 0) for s in rb['steps'].values()) / sum(s.get('s', 0) for s in ra['steps'].values()):.1f}x")
+        both = [k for k in rb["steps"] if "s" in rb["steps"][k] and "s" in ra["steps"].get(k, {})]
+        for key, label in (("s", "wall"), ("cpu_s", "cpu")):
+            ta = sum(ra["steps"][k].get(key) or 0.0 for k in both)
+            tb = sum(rb["steps"][k].get(key) or 0.0 for k in both)
+            if not ta:
+                continue
+            print(f"scaling {a} -> {b} events ({b / a:.0f}x), {label}: " + ", ".join(
+                f"{k} {(rb['steps'][k].get(key) or 0) / ra['steps'][k][key]:.1f}x" for k in both
+                if ra["steps"][k].get(key)) + f"; total {tb / ta:.1f}x")
 
 
 if __name__ == "__main__":

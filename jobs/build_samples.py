@@ -149,17 +149,64 @@ def _samples_frame(spark, samples: Sequence[Mapping[str, Any]]):
     return spark.createDataFrame([tuple(s[n] for n in names) for s in samples], st)
 
 
+_CHUNK = 10_000  # rows a Python worker turns into dicts at a time
+
+
+def user_tails(kept):
+    """One row per user of the day, all a ``users`` task reads: the user's last example by
+    ``(ts, event_id)`` (columns ``event_id, history, target_item_id, ts``), its latest example
+    with enough history (``u_``-prefixed columns, null when none) and ``n_day``, the user's
+    examples of the day. Reduced on Spark (partial aggregation), so a worker gets ``users`` rows,
+    not the day's examples of a user."""
+    from pyspark.sql import functions as F
+
+    fields = ["event_id", "history", "target_item_id", "ts"]
+    order = F.struct("ts", "event_id")
+    usable = F.coalesce(F.size("history"), F.lit(0)) >= builders.MIN_HISTORY
+    agg = kept.groupBy("user_id").agg(
+        F.max_by(F.struct(*fields), order).alias("_l"),
+        F.max_by(F.struct(*fields), F.when(usable, order)).alias("_u"),  # null orderings are skipped
+        F.count(F.lit(1)).alias("n_day"))
+    return agg.select("user_id", "n_day", *[F.col(f"_l.{c}").alias(c) for c in fields],
+                      *[F.col(f"_u.{c}").alias(f"u_{c}") for c in fields])
+
+
+def user_tail_examples(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The examples of a :func:`user_tails` row (the last one, and the last usable one when it is
+    another): with every other example of the user dropped, the ``users`` builders
+    (last usable example for persona, last example and ``n_day`` for the stream) give the same rows."""
+    def ex(prefix: str) -> dict[str, Any]:
+        return {"event_id": row[f"{prefix}event_id"], "user_id": row["user_id"],
+                "history": [str(i) for i in row[f"{prefix}history"]],
+                "target_item_id": row[f"{prefix}target_item_id"], "ts": int(row[f"{prefix}ts"]),
+                "n_day": int(row["n_day"])}
+
+    out = [ex("")]
+    u = row["u_event_id"]
+    if isinstance(u, str) and u != row["event_id"]:
+        out.append(ex("u_"))
+    return out
+
+
 def day_cooccurrence(kept, items_bc, max_history: int):
     """The ``evidence`` rationale source's co-occurrence counts over the whole day's reasoning
     requests: counted per partition on the executors, then summed. Only the counts (bounded by
-    the number of leaf categories) reach the driver, never the day's examples."""
+    the number of leaf categories) reach the driver, never the day's examples; a partition is
+    counted in chunks of ``_CHUNK`` rows, so a worker never holds a partition's examples."""
     from onerec_prod.samples.rationale import EvidenceRationale
 
     def per_partition(rows):
+        from itertools import islice
+
         from onerec_prod.samples import builders as b
 
-        exs = [dict(r.asDict(), history=[str(i) for i in r["history"]]) for r in rows]
-        yield EvidenceRationale.cooccurrence(b.reasoning_requests(exs, items_bc.value, max_history))
+        total = EvidenceRationale.cooccurrence([])
+        rows = iter(rows)
+        while chunk := list(islice(rows, _CHUNK)):
+            exs = [dict(r.asDict(), history=[str(i) for i in r["history"]]) for r in chunk]
+            total = EvidenceRationale.merge_counts(
+                total, EvidenceRationale.cooccurrence(b.reasoning_requests(exs, items_bc.value, max_history)))
+        yield total
 
     cols = ["event_id", "user_id", "history", "target_item_id", "ts"]
     return kept.select(*cols).rdd.mapPartitions(per_partition).fold(
@@ -169,9 +216,9 @@ def day_cooccurrence(kept, items_bc, max_history: int):
 def _build_on_executors(spark, kept, items: dict, *, dt: str, sid_version: str, samples_cfg):
     """The ``users`` and ``examples`` tasks of the registry on the executors (``mapInPandas``).
 
-    ``examples`` tasks: per Arrow batch (any split gives the same rows). ``users`` tasks: the
-    examples hash-partitioned by ``user_id``, so every example of a user is in one partition, and
-    the builders run once over the whole partition. The rationale source is rebuilt per worker
+    ``examples`` tasks: per Arrow batch (any split gives the same rows). ``users`` tasks: per
+    Arrow batch of :func:`user_tails` (one row per user: the only examples those builders read),
+    so no worker holds a partition of the day. The rationale source is rebuilt per worker
     from the config (sources with ``executors = True``: ``category``, and ``evidence`` with the
     day's co-occurrence counts from :func:`day_cooccurrence`, so every batch writes what one call
     over the whole day writes); the teacher stays on the driver.
@@ -199,16 +246,13 @@ def _build_on_executors(spark, kept, items: dict, *, dt: str, sid_version: str, 
             source_ = make_rationale_source(c.rationale_source, c)
             if counts_bc is not None:
                 source_.counts = counts_bc.value
-            # users: the whole partition at once (a user's examples may span Arrow batches)
-            if source == "users":
-                whole = list(batches)
-                chunks = [pd.concat(whole, ignore_index=True)] if whole else []
-            else:
-                chunks = batches
-            for pdf in chunks:
-                exs = pdf.to_dict("records")
-                for e in exs:
-                    e["history"] = [str(i) for i in e["history"]]
+            for pdf in batches:
+                if source == "users":  # one user_tails row per user: its last (and last usable) example
+                    exs = [e for r in pdf.to_dict("records") for e in user_tail_examples(r)]
+                else:
+                    exs = pdf.to_dict("records")
+                    for e in exs:
+                        e["history"] = [str(i) for i in e["history"]]
                 rows = b.build_source_samples(source, exs, items_bc.value, rationale_source=source_, **hk)
                 out = pd.DataFrame([[r[n] for n in names] for r in rows], columns=names)
                 out["loss_from"] = out["loss_from"].astype("Int32")  # nullable int, not float NaN
@@ -217,7 +261,7 @@ def _build_on_executors(spark, kept, items: dict, *, dt: str, sid_version: str, 
 
     cols = ["event_id", "user_id", "history", "target_item_id", "ts"]
     ex = kept.select(*cols)
-    users = ex.repartition("user_id").mapInPandas(make("users"), st)
+    users = user_tails(ex).mapInPandas(make("users"), st)
     return users.unionByName(ex.mapInPandas(make("examples"), st))
 
 
