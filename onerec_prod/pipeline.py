@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,23 @@ def run_stage(stage: str, dt: str, cfg: Config | None = None, *, run_tags: dict[
             run.finish(record)
     log.info("stage %s dt=%s: done in %.1fs", stage, dt, record["seconds"])
     return record
+
+
+def dispatch_stage(stage: str, dt: str, cfg: Config, **kwargs: Any) -> dict[str, Any]:
+    """What an Airflow task of the local runtime calls: :func:`run_stage` inside the shared Spark
+    server for a stage of ``spark.server_stages`` (when this task was started with one:
+    ``$ONEREC_SPARK_SERVER``), else in this process. The stage's log streams into the task's log,
+    and its error keeps its type. A server that is down, or lost mid-stage, is not an error: the
+    stage then runs here (stages are idempotent), with a warning saying why."""
+    from onerec_prod import spark_server
+
+    url = os.environ.get(spark_server.ENV_URL)
+    if url and cfg.spark.shared_session and stage in cfg.spark.server_stages:
+        try:
+            return spark_server.submit(url, cfg, spark_server.STAGE_PREFIX + stage, dt, kwargs=kwargs)
+        except spark_server.SparkServerUnavailable as e:
+            log.warning("stage %s dt=%s: %s; running it in this process instead", stage, dt, e)
+    return run_stage(stage, dt, cfg, **kwargs)
 
 
 def _tracked(cfg: Config, dt: str, stage: str, tags: dict[str, Any] | None):

@@ -19,14 +19,22 @@ Protocol (HTTP on 127.0.0.1, stdlib only; a token file under ``<var>/spark-serve
 other local users out):
 
 * ``GET /health`` -> 200 ``{"ready": true, ...}`` once the session is up (503 before);
-* ``POST /run`` ``{"job", "dt", "config", "kwargs"}`` -> ``{"ok": true, "result": {...}, "log": [...]}``
-  or ``{"ok": false, "error": "...", "error_type": "...", "log": [...]}``. ``job`` is a Spark stage
-  (:data:`SPARK_STAGES`) or one of the model tasks' Spark reads and writes (:data:`SPARK_CALLS`:
-  the training mix export, the RL prompts, the eval inputs, the catalog, the Think-Ahead table),
-  so train, RL, evaluate, gate and precompute start no JVM either (:func:`run_on_spark`).
+* ``POST /run`` ``{"job", "dt", "config", "kwargs"}`` -> newline-delimited JSON, streamed while the
+  job runs: ``{"log": "..."}`` lines (the job's log records, and a heartbeat every
+  :data:`HEARTBEAT_S`), then one final ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error":
+  "...", "error_type": "...", "error_class": "module:Name", "traceback": "..."}``. ``job`` is a
+  Spark stage (:data:`SPARK_STAGES`), one of the model tasks' Spark reads and writes
+  (:data:`SPARK_CALLS`: the training mix export, the RL prompts, the eval inputs, the catalog, the
+  Think-Ahead table), so train, RL, evaluate, gate and precompute start no JVM either
+  (:func:`run_on_spark`), or ``stage:<name>``: a whole pipeline stage (``pipeline.run_stage``) of
+  ``spark.server_stages``. The model stages run here in the demo: torch, transformers, DeepSpeed's
+  and MLflow's imports (about 5-9 s per task on 2 cores) are paid once per server, not per task,
+  and their Spark reads are direct calls on the warm session.
 
-Jobs run one at a time (a lock): the DAG has one Spark stage at a time per day and one active run,
-so this costs nothing and keeps two days from sharing cached frames. The server refuses a request
+Jobs run one at a time (a lock): the DAG has one task at a time per day and one active run, so
+this costs nothing and keeps two days from sharing cached frames. A task that is killed (its
+``execution_timeout``) while its job runs here does not stop the job: the job finishes, and a
+retry waits for the lock. Stages are idempotent, so the retry then redoes or reuses its work. The server refuses a request
 whose ``spark`` config differs from its own (the client then runs the job in-process), so a
 per-run Spark override is never silently ignored.
 """
@@ -61,8 +69,11 @@ SPARK_CALLS = {
     "precompute_inputs": "onerec_prod.serving.precompute:precompute_inputs_on",
     "write_think_ahead": "onerec_prod.serving.precompute:write_think_ahead_on",
 }
+STAGE_PREFIX = "stage:"  # job "stage:evaluate": the whole pipeline stage, run in the server
 ENV_URL = "ONEREC_SPARK_SERVER"  # set by `airflow up` in every task's environment
+HEARTBEAT_S = 15.0  # a streamed log line at least this often while a job runs
 _TOKEN_HEADER = "X-Onerec-Token"
+_LOCAL_SPARK = None  # this process's session when it IS the server: stage jobs call Spark directly
 
 
 class SparkServerUnavailable(RuntimeError):
@@ -93,16 +104,20 @@ def _ensure_token(cfg: Config) -> str:
 
 
 class _Capture(logging.Handler):
-    """Collects the log lines a job emits, so the calling task's log shows them."""
+    """Queues the log lines a job emits, so the calling task's log shows them as they come."""
 
     def __init__(self) -> None:
+        import queue
+
         super().__init__(logging.INFO)
-        self.lines: list[str] = []
+        self.lines: queue.Queue[str] = queue.Queue(maxsize=20000)
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
-        if len(self.lines) < 5000:
-            self.lines.append(self.format(record))
+        try:
+            self.lines.put_nowait(self.format(record))
+        except Exception:  # noqa: BLE001 (a full queue drops lines, never the job)
+            pass
 
 
 class _State:
@@ -122,6 +137,12 @@ def run_job(spark, job: str, dt: str | None, cfg: Config, kwargs: dict[str, Any]
     cfg).to_dict()`` for a stage, the call's JSON-typed result for a :data:`SPARK_CALLS` name."""
     import importlib
 
+    if job.startswith(STAGE_PREFIX):
+        stage = job[len(STAGE_PREFIX):]
+        if stage not in cfg.spark.server_stages:
+            raise ValueError(f"stage {stage!r} is not one of spark.server_stages {cfg.spark.server_stages}")
+        result = importlib.import_module("onerec_prod.pipeline").run_stage(stage, dt, cfg, **(kwargs or {}))
+        return json.loads(json.dumps(result, default=str))
     if job in SPARK_STAGES:
         if kwargs:
             raise ValueError(f"Spark job {job!r} takes no arguments (got {sorted(kwargs)})")
@@ -141,6 +162,11 @@ def run_on_spark(cfg: Config, job: str, dt: str | None, **kwargs: Any) -> Any:
     A server that is down, still starting or on another Spark config is not an error: the job then
     runs here, with a warning saying why. A job that fails raises here, either way.
     """
+    if _LOCAL_SPARK is not None:  # a stage job inside the server: the warm session, no HTTP hop
+        result = run_job(_LOCAL_SPARK, job, dt, cfg, kwargs)
+        if job in SPARK_STAGES:
+            result.setdefault("extra", {})["spark_session"] = "shared"
+        return result
     url = os.environ.get(ENV_URL)
     if url and cfg.spark.shared_session:
         try:
@@ -192,30 +218,76 @@ def _handler(state: _State):
                                         f"({state.cfg.spark.model_dump()} vs {cfg.spark.model_dump()})"})
             if not state.ready.wait(timeout=600) or state.error:
                 return self._send(503, {"ok": False, "error": f"spark session not ready: {state.error}"})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.end_headers()
+            t_wait = time.time()
+            while not state.lock.acquire(timeout=HEARTBEAT_S):  # another job runs: say so, keep the line alive
+                if not self._write({"log": f"... {job} dt={dt} waits for the job running on the spark server "
+                                           f"({time.time() - t_wait:.0f}s)"}):
+                    return  # the task went away while it waited: nothing was started
+            try:
+                body = self._stream(job, dt, cfg, kwargs)
+            finally:
+                state.lock.release()
+            log.info("job %s dt=%s: %s in %.1fs", job, dt, "ok" if body["ok"] else "FAILED", body.pop("_s"))
+
+        def _stream(self, job: str, dt: str | None, cfg: Config, kwargs: dict[str, Any]) -> dict:
+            """Run the job in a thread; stream its log lines (and heartbeats), then its result."""
+            import queue
+
             capture = _Capture()
             root = logging.getLogger()
-            with state.lock:
-                root.addHandler(capture)
-                t0 = time.time()
+            out: dict[str, Any] = {}
+
+            def work() -> None:
                 try:
                     result = run_job(state.spark, job, dt, cfg, kwargs)
                     if job in SPARK_STAGES:
                         result.setdefault("extra", {})["spark_session"] = "shared"
-                    body = {"ok": True, "result": result}
-                except Exception as e:  # noqa: BLE001 (the task raises it, with the traceback)
-                    body = {"ok": False, "error": str(e), "error_type": type(e).__name__,
-                            "traceback": traceback.format_exc()}
-                finally:
-                    root.removeHandler(capture)
-                    try:  # nothing a job cached may outlive it
-                        state.spark.catalog.clearCache()
-                    except Exception:  # noqa: BLE001
-                        log.exception("clearCache failed")
-                    state.jobs_run += 1
-                log.info("job %s dt=%s: %s in %.1fs", job, dt, "ok" if body["ok"] else "FAILED",
-                         time.time() - t0)
-            body["log"] = capture.lines
-            return self._send(200, body)
+                    out.update(ok=True, result=result)
+                except BaseException as e:  # noqa: BLE001 (the task raises it, with the traceback)
+                    out.update(ok=False, error=str(e), error_type=type(e).__name__,
+                               error_class=f"{type(e).__module__}:{type(e).__qualname__}",
+                               traceback=traceback.format_exc())
+
+            t0 = time.time()
+            root.addHandler(capture)
+            worker = threading.Thread(target=work, name=f"job-{job}", daemon=True)
+            client = True  # a killed task closes the connection; its job still runs to the end
+            last = time.time()
+            try:
+                worker.start()
+                while worker.is_alive() or not capture.lines.empty():
+                    try:
+                        line: str | None = capture.lines.get(timeout=1.0)
+                    except queue.Empty:
+                        line = None if time.time() - last < HEARTBEAT_S else (
+                            f"... {job} dt={dt} still running ({time.time() - t0:.0f}s)")
+                    if line is not None and client:
+                        client = self._write({"log": line})
+                        last = time.time()
+            finally:
+                worker.join()
+                root.removeHandler(capture)
+                try:  # nothing a job cached may outlive it
+                    state.spark.catalog.clearCache()
+                except Exception:  # noqa: BLE001
+                    log.exception("clearCache failed")
+                state.jobs_run += 1
+            if client and not self._write(out):
+                client = False
+            if not client:
+                log.warning("job %s dt=%s: the client went away before the end; the job ran to its end", job, dt)
+            return {**out, "_s": time.time() - t0}
+
+        def _write(self, obj: dict) -> bool:
+            try:
+                self.wfile.write(json.dumps(obj, default=str).encode() + b"\n")
+                self.wfile.flush()
+                return True
+            except OSError:
+                return False
 
     return Handler
 
@@ -234,6 +306,8 @@ def serve(cfg: Config) -> None:
         t0 = time.time()
         state.spark = get_spark(cfg.spark)
         state.spark.range(1).count()  # load Spark's and Delta's classes before the first job
+        global _LOCAL_SPARK
+        _LOCAL_SPARK = state.spark
         log.info("spark session ready in %.1fs", time.time() - t0)
     except Exception as e:  # noqa: BLE001
         state.error = f"{type(e).__name__}: {e}"
@@ -289,8 +363,10 @@ def submit(url: str, cfg: Config, job: str, dt: str | None, timeout_s: float = 6
     """Run ``job`` for ``dt`` on the server; returns its summary, re-logging the job's lines here.
 
     Raises:
-        SparkServerUnavailable: the server cannot take the job (the caller may run it in-process).
-        RuntimeError: the job itself failed; the message carries its error and traceback tail.
+        SparkServerUnavailable: the server cannot take the job, or was lost while running it (the
+            caller may run it in-process: jobs and stages are idempotent).
+        The job's own exception type when it is a builtin or one of the project's (else
+        RuntimeError): the job itself failed; the message carries its error and traceback tail.
     """
     try:
         token = token_path(cfg).read_text().strip()
@@ -303,24 +379,63 @@ def submit(url: str, cfg: Config, job: str, dt: str | None, timeout_s: float = 6
                        "kwargs": kwargs or {}}, default=str).encode()
     req = urllib.request.Request(f"{url}/run", data=body, method="POST",
                                  headers={"Content-Type": "application/json", _TOKEN_HEADER: token})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            out = json.loads(r.read())
+    out: dict[str, Any] | None = None
+    deadline = time.time() + timeout_s
+    try:  # the server writes a line at least every HEARTBEAT_S: a silent socket means a lost server
+        with urllib.request.urlopen(req, timeout=max(10 * HEARTBEAT_S, 60)) as r:
+            for raw in r:
+                msg = json.loads(raw)
+                if "log" in msg:
+                    log.info("[spark-server] %s", msg["log"])
+                else:
+                    out = msg
+                if time.time() > deadline:  # not "unavailable": the job must not start again here
+                    raise RuntimeError(f"{job} dt={dt} still running on the spark server after "
+                                       f"{timeout_s:.0f}s; stopped waiting for it")
     except urllib.error.HTTPError as e:
         raise SparkServerUnavailable(f"spark server at {url} refused {job} (HTTP {e.code}): "
-                                     f"{e.read()[:1000].decode(errors='replace')}") from None
+                                     f"{_error_text(e)}") from None
     except (OSError, ValueError) as e:
         raise SparkServerUnavailable(f"spark server at {url} lost while running {job}: {e}") from None
-    for line in out.get("log", []):
-        log.info("[spark-server] %s", line)
+    if out is None:
+        raise SparkServerUnavailable(f"spark server at {url} closed the stream of {job} without a result")
     if not out.get("ok"):
-        # the exception types the jobs raise on purpose keep their type (the task's error is the same
-        # as in-process); anything else is a RuntimeError carrying the server-side traceback
-        cls = {"FileNotFoundError": FileNotFoundError, "ValueError": ValueError}.get(
-            str(out.get("error_type")), RuntimeError)
-        raise cls(f"{job} dt={dt} failed on the spark server: {out.get('error_type')}: "
-                  f"{out.get('error')}\n{(out.get('traceback') or '')[-4000:]}")
+        raise _job_error(out, f"{job} dt={dt} failed on the spark server")
     return out["result"]
+
+
+def _error_text(e: urllib.error.HTTPError) -> str:
+    try:
+        return json.loads(e.read()).get("error", "")[:1000]
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def _job_error(out: dict[str, Any], what: str) -> Exception:
+    """The job's exception, with its own type where that type is the project's or a builtin one
+    (so a task fails the same way on the server as in-process), else a RuntimeError; the message
+    carries the server-side traceback tail."""
+    import builtins
+    import importlib
+
+    msg = f"{what}: {out.get('error_type')}: {out.get('error')}\n{(out.get('traceback') or '')[-4000:]}"
+    module, _, name = str(out.get("error_class") or "").partition(":")
+    cls: Any = None
+    try:
+        if module == "builtins":
+            cls = getattr(builtins, name, None)
+        elif module.split(".")[0] in ("onerec_prod", "jobs"):
+            cls = importlib.import_module(module)
+            for part in name.split("."):
+                cls = getattr(cls, part)
+    except (ImportError, AttributeError):
+        cls = None
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(msg)
+        except Exception:  # noqa: BLE001 (an exception type with another constructor)
+            pass
+    return RuntimeError(msg)
 
 
 # --------------------------------------------------------------------------------------

@@ -6,8 +6,11 @@ before it: a next-day eval of a model that never trained on those events), the `
 eval-snapshot event (the baselines' training data: the days the model was trained on, without the
 held-out events). Then :func:`evaluate_inputs` (no Spark) does the work:
 
-1. the trie of EVERY catalog SID of the model's sid_version (never only the test items);
-2. constrained beam search (``eval.beam_size``) per user, think mode optional;
+1. the trie of EVERY catalog SID of the model's sid_version known on the event's day (never only
+   the test items; an event of day d is decoded under the catalog as of d);
+2. constrained beam search (``eval.beam_size``) per user, think mode optional; the results of a
+   model on an event it was already scored on, unchanged, come from its score cache
+   (:mod:`.score_cache`, ``eval.score_cache``);
 3. Recall/NDCG@K over all selected users (a user whose target has no SID still counts, as 0);
 4. caption BertScore on the fixed item sample plus the day's new items;
 5. MostPop (trailing ``eval.mostpop_window_days``) and SASRec on the same users and targets;
@@ -19,6 +22,7 @@ champion) on exactly the same events.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -201,7 +205,6 @@ def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, t
     whose baselines the candidate's report already carries).
     """
     from onerec_prod.eval.baselines import run_baselines
-    from onerec_prod.eval.beam import recommend
     from onerec_prod.eval.bertscore import caption_bertscore, sample_caption_items
     from onerec_prod.eval.metrics import compute_metrics
     from onerec_prod.model.io import load_model, load_tokenizer, read_meta
@@ -234,8 +237,8 @@ def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, t
     timing["load_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    recs = recommend(model, tok, trie, vocab, histories, ecfg, think=think, max_items=cfg.samples.max_history)
-    ranked = [[row_items[trie.row_of(sid)] for sid, _ in per_user] for per_user in recs.sids]
+    ranked, rationales, cache_stats, trie_items_by_day = _rank(cfg, inputs, users, histories, meta, sid_version,
+                                                               (trie, row_items), model, tok, vocab, think)
     timing["recommend_s"] = time.perf_counter() - t1
     timing["users_per_s"] = len(users) / max(timing["recommend_s"], 1e-9)
     metrics: dict[str, Any] = compute_metrics(ranked, targets, ecfg.ks)
@@ -286,15 +289,16 @@ def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, t
                    "mostpop_days": ecfg.mostpop_window_days},
         "baselines": baselines,
         "bertscore": bert,
+        "score_cache": cache_stats,
         "counts": {"snapshot_users": len(inputs.snapshot), "catalog_items": len(inputs.catalog),
-                   "trie_items": trie.num_items, "targets_without_sid": no_sid,
+                   "trie_items": trie.num_items, "trie_items_by_day": trie_items_by_day, "targets_without_sid": no_sid,
                    "history_items_without_sid": dropped, "train_sequences": len(inputs.train_sequences)},
         "data_versions": dict(inputs.data_versions),
         "config": ecfg.model_dump(mode="json"),
         "timing": {k: round(v, 3) for k, v in timing.items()},
         "examples": [
             {"user_id": u["user_id"], "target": t, "top5": r[:5],
-             **({"rationale": recs.rationales[i]} if recs.rationales else {})}
+             **({"rationale": rationales[i]} if rationales else {})}
             for i, (u, t, r) in enumerate(zip(users[:3], targets[:3], ranked[:3], strict=False))
         ],
     }
@@ -302,6 +306,47 @@ def evaluate_inputs(cfg: Config, model_dir: str | Path, inputs: EvalInputs, *, t
              {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
              {n: round(b.get("recall@10", 0.0), 4) for n, b in baselines.items()}, timing["total_s"])
     return report
+
+
+def _rank(cfg: Config, inputs: EvalInputs, users: Sequence[Mapping[str, Any]], histories: list[list[dict]],
+          meta: Mapping[str, Any], sid_version: str | None, day_trie, model, tok, vocab, think: bool):
+    """Top-B item ids per user: each event decoded under the catalog as of its own day
+    (:func:`.score_cache.trie_rows`: the items a recommender could have shown then), results of
+    unchanged events taken from the model's score cache (``eval.score_cache``; never in think mode).
+
+    Returns ``(ranked, rationales or None, cache stats, trie items per day)``."""
+    from onerec_prod.eval import score_cache as sc
+    from onerec_prod.eval.beam import recommend
+    from onerec_prod.sid.tokens import level_sizes
+
+    ecfg = cfg.eval
+    days = [str(u.get("dt", inputs.dt))[:10] for u in users]
+    day_rows = {d: sc.trie_rows(inputs.catalog, d) for d in sorted(set(days))}
+    settings = json.dumps({"beam": ecfg.beam_size, "max_items": cfg.samples.max_history, "sid_version": sid_version})
+    digests = {d: sc.rows_digest(rows) for d, rows in day_rows.items()}
+    keys = [sc.event_key(str(u["event_id"]), [str(i) for i in u["history"]], digests[d], settings)
+            for u, d in zip(users, days, strict=True)]
+    cache = (sc.ScoreCache(cfg.paths.var / "cache" / "eval", meta["weights_sha256"])
+             if ecfg.score_cache and not think and meta.get("weights_sha256") else None)
+    ranked: list[list[str] | None] = cache.lookup(keys) if cache else [None] * len(users)
+    rationales: list[str | None] | None = [None] * len(users) if think else None
+    for d in sorted({days[i] for i, r in enumerate(ranked) if r is None}):
+        idx = [i for i, r in enumerate(ranked) if r is None and days[i] == d]
+        if len(day_rows[d]) == len(day_trie[1]):  # nothing first seen after d: the eval day's trie
+            trie, items = day_trie
+        else:
+            trie, items = build_catalog_trie(day_rows[d], level_sizes(cfg.sid))
+        recs = recommend(model, tok, trie, vocab, [histories[i] for i in idx], ecfg, think=think,
+                         max_items=cfg.samples.max_history)
+        for j, (i, per_user) in enumerate(zip(idx, recs.sids, strict=True)):
+            ranked[i] = [items[trie.row_of(sid)] for sid, _ in per_user]
+            if rationales is not None and recs.rationales:
+                rationales[i] = recs.rationales[j]
+    stats = {"enabled": cache is not None, "hits": cache.hits if cache else 0,
+             "decoded": len(users) - (cache.hits if cache else 0)}
+    if cache is not None:
+        cache.save(keys, ranked)
+    return ranked, rationales, stats, {d: len(rows) for d, rows in day_rows.items()}
 
 
 def evaluate_models(cfg: Config, dt: str, candidate: str | Path, *, others: Mapping[str, str | Path] | None = None,

@@ -168,3 +168,39 @@ def test_bertscore_f1_sanity():
     assert empty == 0.0              # an empty caption scores 0 (not bert_score's special-token artefact)
     with pytest.raises(ValueError, match="2 candidates vs 1 references"):
         bertscore_f1(["a", "b"], ["a"])
+
+
+def test_events_decode_under_their_days_catalog_and_repeat_scores_come_from_the_cache(
+        make_cfg, tiny_model_dir, beauty_items, tiny_sids):
+    """An event of an earlier day is decoded under the catalog as of its day (no item first seen
+    later); scoring the same model again decodes only the events whose prompt or trie changed."""
+    import dataclasses
+
+    cfg = make_cfg("eval.max_users=null", "eval.bertscore_items=0", "eval.baselines=[]", "eval.beam_size=60")
+    inputs = make_inputs(beauty_items, tiny_sids)
+    for r in inputs.snapshot[:4]:
+        r["dt"] = "2014-01-01"  # the pooled window: 4 events of an earlier day, 3 of DT
+    new_items = {r["item_id"] for r in inputs.catalog if r["first_seen_dt"] == DT and r["sid"] is not None}
+    first = evaluate_inputs(cfg, tiny_model_dir, inputs)
+    assert first["counts"]["trie_items_by_day"] == {"2014-01-01": 58, DT: 60}
+    assert first["score_cache"] == {"enabled": True, "hits": 0, "decoded": 7}
+    cache_file, = (cfg.paths.var / "cache" / "eval").glob("*.json")
+    lists = list(json.loads(cache_file.read_text())["ranked"].values())
+    assert sorted(len(x) for x in lists) == [58] * 4 + [60] * 3  # beam 60 = the whole trie of the day
+    assert sum(1 for x in lists if new_items <= set(x)) == 3 and sum(1 for x in lists if new_items & set(x)) == 3
+
+    again = evaluate_inputs(cfg, tiny_model_dir, inputs)
+    assert again["score_cache"] == {"enabled": True, "hits": 7, "decoded": 0}
+    assert again["metrics"] == first["metrics"] and again["per_user"] == first["per_user"]
+
+    # a new event and a changed history are decoded; the other 6 events come from the cache
+    snap = [dict(r) for r in inputs.snapshot]
+    snap[1]["history"] = list(reversed(snap[1]["history"]))
+    snap.append(dict(snap[5], event_id="e100", user_id="u100"))
+    third = evaluate_inputs(cfg, tiny_model_dir, dataclasses.replace(inputs, snapshot=snap))
+    assert third["score_cache"] == {"enabled": True, "hits": 6, "decoded": 2}
+    # the cache holds the window's events only: 8 now
+    assert len(json.loads(cache_file.read_text())["ranked"]) == 8
+    off = make_cfg("eval.max_users=null", "eval.bertscore_items=0", "eval.baselines=[]", "eval.beam_size=60",
+                   "eval.score_cache=false", root=cfg.paths.var_root)
+    assert evaluate_inputs(off, tiny_model_dir, inputs)["score_cache"] == {"enabled": False, "hits": 0, "decoded": 7}

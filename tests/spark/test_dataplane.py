@@ -14,6 +14,7 @@ The module fixture builds its configs with ``load_config`` like ``make_cfg`` doe
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -302,7 +303,7 @@ def test_job_entry_points(lakes, capsys):
     assert "expected YYYY-MM-DD" in capsys.readouterr().out
 
 
-def test_shared_spark_server_writes_the_same_tables(lakes, spark, beauty_slice, tmp_path):
+def test_shared_spark_server_writes_the_same_tables(lakes, spark, beauty_slice, tmp_path, caplog):
     """The local runtime's one warm Spark driver (``onerec-prod spark-server``) runs the jobs sent
     by the tasks' ``run_stage`` and writes exactly what in-process runs write (lake A); a job's own
     error reaches the task with its type and message; a task on another Spark config is refused
@@ -319,7 +320,7 @@ def test_shared_spark_server_writes_the_same_tables(lakes, spark, beauty_slice, 
 
     sets = [f"paths.var_root={tmp_path / 'c'}", f"paths.raw_root={lakes['raw']}",
             f"paths.dataset_dir={beauty_slice}", "spark.shared_session=true", "spark.server_port=28491",
-            "data.assign_sids=false"]
+            "spark.server_stages=[landing,build_eval_snapshot]", "data.assign_sids=false"]
     cfg = load_config(REPO / "configs" / "test.yaml", sets, environ={})
     env = {k: v for k, v in os.environ.items() if not k.startswith("ONEREC")}
     env.update(overrides_env(sets), ONEREC_CONFIG=str(REPO / "configs" / "test.yaml"))
@@ -363,7 +364,27 @@ def test_shared_spark_server_writes_the_same_tables(lakes, spark, beauty_slice, 
         assert len(remote["snapshot"]) == want_events > 0
         with pytest.raises(ValueError, match="unknown Spark job .not_a_call."):
             spark_server.submit(url, cfg, "not_a_call", DAYS[2])
-        assert spark_server.health(url)["jobs_run"] == 4 * len(DAYS) + 4
+        # a whole stage of spark.server_stages runs inside the server (what the demo does with the
+        # model stages): its log streams into the task's log, its record is the in-process one, and
+        # its error keeps its type
+        from onerec_prod.pipeline import StageError, dispatch_stage, read_record
+
+        os.environ[spark_server.ENV_URL] = url
+        try:
+            with caplog.at_level(logging.INFO):
+                rec = dispatch_stage("build_eval_snapshot", DAYS[2], cfg)
+            with pytest.raises(StageError, match="no landing data for dt=2014-03-09"):
+                dispatch_stage("landing", "2014-03-09", cfg)
+        finally:
+            del os.environ[spark_server.ENV_URL]
+        assert rec["counts"] == lakes["results"][("build_eval_snapshot", DAYS[2])].counts
+        assert rec["extra"]["spark_session"] == "shared"
+        assert read_record(cfg, DAYS[2], "build_eval_snapshot")["seconds"] == rec["seconds"]
+        streamed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[spark-server]")]
+        assert any(f"stage build_eval_snapshot dt={DAYS[2]}: start" in m for m in streamed), streamed[:5]
+        with pytest.raises(ValueError, match="not one of spark.server_stages"):
+            spark_server.submit(url, cfg, "stage:evaluate", DAYS[2])
+        assert spark_server.health(url)["jobs_run"] == 4 * len(DAYS) + 7
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)

@@ -37,6 +37,17 @@ def test_cross_field_check_explains():
         load_config(overrides=["model.num_heads=4", "model.num_kv_heads=3"], environ={})
 
 
+def test_server_stages_are_pipeline_stages():
+    from onerec_prod.config import PIPELINE_STAGES
+    from onerec_prod.pipeline import STAGES
+
+    assert PIPELINE_STAGES == STAGES  # the config's list of valid names is the DAG's stages
+    cfg = load_config(overrides=["spark.server_stages=[train,evaluate]"], environ={})
+    assert cfg.spark.server_stages == ["train", "evaluate"]
+    with pytest.raises(ConfigError, match="unknown stages \\['evaluation'\\]"):
+        load_config(overrides=["spark.server_stages=[train,evaluation]"], environ={})
+
+
 def test_env_then_cli_override_order():
     env = {"ONEREC__TRAIN__LR": "0.5", "ONEREC__SID__LEVELS": "2"}
     cfg = load_config(overrides=["train.lr=0.25"], environ=env)
