@@ -145,6 +145,7 @@ def spark_size(spark, sampler: Sampler, cfg, n: int) -> dict:
     ingest_events.run(spark, D1, cfg)
     build_sequences.run(spark, D1, cfg)
     day1_s = time.perf_counter() - t0
+    logging.getLogger("bench").warning("n=%d day 1 (ingest + sequences) in %.0fs", n, day1_s)
     runs = {"ingest_events": lambda: ingest_events.run(spark, D2, cfg),
             "build_sequences": lambda: build_sequences.run(spark, D2, cfg),
             "build_eval_snapshot": lambda: build_eval_snapshot.run(spark, D2, cfg),
@@ -180,7 +181,8 @@ def spark_size(spark, sampler: Sampler, cfg, n: int) -> dict:
             "spill_mb": sum(s.get("diskBytesSpilled", 0) for s in new) / MB,
             "stages": len(new), "task_time_in_shuffle_stages": shuffle_ms / run_ms if run_ms else 0.0,
         }
-        logging.getLogger("bench").warning("n=%d %s: %.1fs %s", n, step, secs, json.dumps(res.counts))
+        # the whole row, so a size that does not finish still leaves its finished steps in the log
+        logging.getLogger("bench").warning("n=%d %s: %.1fs %s", n, step, secs, json.dumps(out["steps"][step]))
     return out
 
 

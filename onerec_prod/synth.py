@@ -58,12 +58,15 @@ def _scatter(ranks: np.ndarray, n: int) -> np.ndarray:
 
 def write_day(raw_root: str | Path, dt: str, n_events: int, *, n_items: int = 1_000_000,
               n_users: int | None = None, seed: int = 0, bad_share: float = 0.001, files: int = 4,
-              item_s: float = 1.05, user_s: float = 1.1, chunk: int = 500_000) -> dict[str, Any]:
+              item_s: float = 1.05, user_s: float = 0.6, chunk: int = 500_000) -> dict[str, Any]:
     """Write ``raw/events/dt=D/part-NNNN.jsonl`` with ``n_events`` lines; returns the manifest.
 
     Args:
         n_users: user population (default ``max(n_events // 4, 100)``: ~4 events per drawn user,
-            most users once, heavy ones hundreds of times).
+            most users a few times, the heaviest thousands of times: with ``user_s`` 0.6 the top
+            user holds about 0.3 % of a 1M day and 0.1 % of a 10M day. An exponent above 1 gives
+            one user a tenth of every day, whatever its size: ``user_s`` was 1.1 until the scale
+            bench showed that one user's events then land in one task of every per-user step).
         bad_share: share of lines that are bad, split evenly over :data:`BAD_KINDS`.
         files: number of part files (the day's events are split over them in time order).
     """

@@ -41,3 +41,4 @@ def test_synthetic_day_is_seeded_and_its_bad_lines_are_quarantined_as_made(tmp_p
     users = Counter(json.loads(ln).get("user_id") for _, _, ln in lines if ln.endswith("}"))
     for counts in (items, users):  # the top id is drawn far more often than the mean id
         assert counts.most_common(1)[0][1] > 5 * sum(counts.values()) / len(counts) and len(counts) > 1_000
+    assert users.most_common(1)[0][1] < 0.05 * sum(users.values())  # no one user holds a big share of the day
