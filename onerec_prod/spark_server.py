@@ -46,6 +46,7 @@ import json
 import logging
 import os
 import secrets
+import sys
 import threading
 import time
 import traceback
@@ -118,6 +119,32 @@ class _Capture(logging.Handler):
             self.lines.put_nowait(self.format(record))
         except Exception:  # noqa: BLE001 (a full queue drops lines, never the job)
             pass
+
+
+class _Tee:
+    """``sys.stdout``/``sys.stderr`` while a job runs: every whole line also goes to the job's log
+    stream (the training ranks' output, which the launcher forwards to these streams)."""
+
+    def __init__(self, orig, capture: _Capture) -> None:
+        self.orig, self.capture, self.buf = orig, capture, ""
+
+    def write(self, text: str) -> int:
+        self.orig.write(text)
+        self.buf += text
+        *lines, self.buf = self.buf.split("\n")
+        for line in lines:
+            if line.strip():
+                try:
+                    self.capture.lines.put_nowait(line.rstrip())
+                except Exception:  # noqa: BLE001 (a full queue drops lines, never the job)
+                    pass
+        return len(text)
+
+    def flush(self) -> None:
+        self.orig.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.orig, name)
 
 
 class _State:
@@ -253,6 +280,8 @@ def _handler(state: _State):
 
             t0 = time.time()
             root.addHandler(capture)
+            streams = sys.stdout, sys.stderr  # jobs run one at a time: swapping them is safe here
+            sys.stdout, sys.stderr = _Tee(sys.stdout, capture), _Tee(sys.stderr, capture)
             worker = threading.Thread(target=work, name=f"job-{job}", daemon=True)
             client = True  # a killed task closes the connection; its job still runs to the end
             last = time.time()
@@ -269,6 +298,7 @@ def _handler(state: _State):
                         last = time.time()
             finally:
                 worker.join()
+                sys.stdout, sys.stderr = streams
                 root.removeHandler(capture)
                 try:  # nothing a job cached may outlive it
                     state.spark.catalog.clearCache()
