@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 
 from jobs import day_record
-from jobs.common import ShrinkRefused, delta_version, log_result, merge_metrics, read_or_empty
+from jobs.common import ShrinkRefused, delta_version, for_write, log_result, merge_metrics, read_or_empty
 from onerec_prod.config import Config
 from onerec_prod.lake import JobResult, create_if_absent, overwrite_partition, table_path
 from onerec_prod.util import check_date
@@ -152,7 +152,7 @@ def run(spark, dt: str, cfg: Config, force: bool = False) -> JobResult:
         # the one expensive step (all earlier events); cached so both outputs reuse it
         pre = transform_prior_histories(events.where(F.col("dt") < dt).select(*cols), day_events, h).cache()
         examples, state = transform_sequences(day_events, pre, h, dt)
-        ex_version = overwrite_partition(examples.coalesce(1), spark, table_path(cfg, "examples"),
+        ex_version = overwrite_partition(for_write(examples, n_events), spark, table_path(cfg, "examples"),
                                          "examples", {"dt": dt})
         uh_path = table_path(cfg, "user_history")
         create_if_absent(spark, uh_path, "user_history")

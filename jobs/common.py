@@ -93,6 +93,21 @@ def parse_raw(lines, schema_name: str):
     )
 
 
+ROWS_PER_FILE = 1_000_000  # a day's partition is written as ceil(rows / this) files
+
+
+def for_write(df, n_rows: int, rows_per_file: int = ROWS_PER_FILE):
+    """``df`` shaped for writing one day's partition of ``n_rows`` rows: one file on a small day
+    (``coalesce(1)``, no shuffle), ``ceil(n_rows / rows_per_file)`` balanced files on a large one.
+
+    ``coalesce(1)`` on a large day pulls everything upstream of the last shuffle into ONE task (at
+    10M events, build_sequences' per-user histories ran out of a 4 GB heap in it, and ingest's
+    events write used one core): a ``repartition`` keeps the upstream stage's parallelism.
+    """
+    k = max(1, -(-int(n_rows) // rows_per_file))
+    return df.coalesce(1) if k == 1 else df.repartition(k)
+
+
 def delta_version(spark, path: str) -> int | None:
     """Latest committed version of the Delta table at ``path`` (None if absent).
 

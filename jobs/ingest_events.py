@@ -35,6 +35,7 @@ from jobs import day_record
 from jobs.common import (
     ShrinkRefused,
     day_end_ts,
+    for_write,
     log_result,
     parse_raw,
     partition_rows,
@@ -187,7 +188,7 @@ def run(spark, dt: str, cfg: Config, force: bool = False) -> JobResult:
                                     "replace the day with what landed now.")
             log.warning("%s; replacing it anyway (--force)", msg)
         day_record.invalidate(cfg, JOB, dt)  # from here until the record is rewritten, the day is incomplete
-        ev_written = overwrite_partition(good.coalesce(1), spark, table_path(cfg, "events"), "events",
+        ev_written = overwrite_partition(for_write(good, n_lines - n_bad), spark, table_path(cfg, "events"), "events",
                                          {"dt": dt})
         day_record.chaos_point(JOB, "events")
         q_written = overwrite_partition(bad.coalesce(1), spark, table_path(cfg, "events_quarantine"),

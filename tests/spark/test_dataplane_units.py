@@ -133,3 +133,15 @@ def test_update_catalog_assigns_sids_once(spark, make_cfg, beauty_slice, slice_p
     assert len({s for s, _ in sids.values()}) == len(sids) and len({v for _, v in sids.values()}) == 1
     assert assign_missing_sids(spark, cfg, path) == {"sids_assigned": 0, "sid_status": "complete"}
     assert {r["item_id"]: (tuple(r["sid"]), r["sid_version"]) for r in read_table(spark, path).collect()} == sids
+
+
+def test_a_large_day_is_written_as_several_balanced_files_a_small_one_as_one(spark):
+    """``for_write``: one file (no shuffle) up to ``rows_per_file`` rows, else ceil(rows / it)."""
+    from jobs.common import for_write
+
+    df = spark.range(25).repartition(4)
+    assert for_write(df, 25, rows_per_file=10).rdd.getNumPartitions() == 3
+    sizes = sorted(len(p) for p in for_write(df, 25, rows_per_file=10).rdd.glom().collect())
+    assert sum(sizes) == 25 and sizes[-1] - sizes[0] <= 1  # balanced
+    assert for_write(df, 10, rows_per_file=10).rdd.getNumPartitions() == 1
+    assert for_write(df, 0, rows_per_file=10).rdd.getNumPartitions() == 1
