@@ -115,8 +115,11 @@ class _Capture(logging.Handler):
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
+        self.put(self.format(record))
+
+    def put(self, line: str) -> None:
         try:
-            self.lines.put_nowait(self.format(record))
+            self.lines.put_nowait(line)
         except Exception:  # noqa: BLE001 (a full queue drops lines, never the job)
             pass
 
@@ -134,10 +137,7 @@ class _Tee:
         *lines, self.buf = self.buf.split("\n")
         for line in lines:
             if line.strip():
-                try:
-                    self.capture.lines.put_nowait(line.rstrip())
-                except Exception:  # noqa: BLE001 (a full queue drops lines, never the job)
-                    pass
+                self.capture.put(line.rstrip())
         return len(text)
 
     def flush(self) -> None:
